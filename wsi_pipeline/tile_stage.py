@@ -1,0 +1,179 @@
+"""Stage 1 for one slide: open, mask tissue, lay the tile grid, write the tile store, QC pictures and a sidecar.
+
+The sidecar `tiles/{slide_id}.json` is written last and always (status "ok", "no tissue" or "failed" with the
+reason), so a cohort run records a bad slide and carries on; the Zarr store is only ever complete or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import PipelineError
+from .qc import draw_qc_thumbnail, qc_mpp_for, write_png
+from .slide import Slide, default_slide_id, open_slide
+from .store import remove_stale_temporaries, write_json_atomic, write_tile_table
+from .tiling import TileGeometry, TilingParams, grid_coords, plan_geometry
+from .tissue import TissueMask, TissueParams, compute_tissue_mask
+
+log = logging.getLogger(__name__)
+
+STATUS_OK, STATUS_NO_TISSUE, STATUS_FAILED = "ok", "no tissue", "failed"
+
+
+@dataclass(frozen=True)
+class TileOutputs:
+    """Where stage 1 writes for one slide, relative to the results folder."""
+
+    results: Path
+    slide_id: str
+
+    @property
+    def store(self) -> Path:
+        return self.results / "tiles" / f"{self.slide_id}.zarr"
+
+    @property
+    def sidecar(self) -> Path:
+        return self.results / "tiles" / f"{self.slide_id}.json"
+
+    @property
+    def qc_dir(self) -> Path:
+        return self.results / "qc" / self.slide_id
+
+    def rel(self, p: Path) -> str:
+        return os.path.relpath(p, self.results)
+
+
+def tile_slide(path: str | os.PathLike[str], results: str | os.PathLike[str], *, slide_id: str | None = None,
+               mpp: float | None = None, backend: str = "auto", tiling: TilingParams | None = None,
+               tissue: TissueParams | None = None) -> dict[str, Any]:
+    """Tile one slide into `results`; never raises for a bad slide: the returned sidecar says what happened."""
+    tiling = tiling or TilingParams()
+    tissue = tissue or TissueParams()
+    slide_id = slide_id or default_slide_id(path)
+    out = TileOutputs(Path(results), slide_id)
+    started = time.perf_counter()
+    sidecar: dict[str, Any] = {
+        "slide_id": slide_id,
+        "path": str(path),
+        "package_version": __version__,
+        "tiling": tiling.model_dump(),
+        "tissue_params": tissue.model_dump(),
+        "mpp_override": mpp,
+    }
+    try:
+        with open_slide(path, backend=backend, mpp=mpp) as slide:  # type: ignore[arg-type]
+            sidecar["slide"] = slide.info.to_dict()
+            sidecar.update(_tile_open_slide(slide, out, tiling, tissue))
+    except PipelineError as err:
+        sidecar.update(status=STATUS_FAILED, reason=str(err), n_tiles=0)
+        log.error("%s", err)
+    sidecar["seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(out.sidecar, sidecar)
+    return sidecar
+
+
+def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissue: TissueParams) -> dict[str, Any]:
+    geometry = plan_geometry(slide, tiling)
+    width, height = slide.info.dimensions
+    qc_mpp = qc_mpp_for(width, height, geometry.slide_mpp)
+    # One low-resolution read serves both the mask and the QC picture.
+    base, base_scale = slide.thumbnail_at_mpp(min(qc_mpp, tissue.mask_mpp))
+    mask_img, mask_scale = _shrink_to(base, base_scale, tissue.mask_mpp / geometry.slide_mpp)
+    qc_img, qc_scale = _shrink_to(base, base_scale, qc_mpp / geometry.slide_mpp)
+    mask = compute_tissue_mask(mask_img, mask_scale * geometry.slide_mpp, tissue)
+
+    coords = grid_coords(width, height, geometry)
+    fractions = _tile_fractions(mask, coords, geometry, mask_scale)
+    keep = fractions >= tiling.min_tissue_fraction if tiling.min_tissue_fraction > 0 else np.ones(len(coords), bool)
+    coords, fractions = coords[keep], fractions[keep]
+    status = STATUS_OK if len(coords) else STATUS_NO_TISSUE
+
+    out.qc_dir.mkdir(parents=True, exist_ok=True)
+    mask_png, geojson_path, thumb_png = (out.qc_dir / "mask.png", out.qc_dir / "tissue.geojson",
+                                         out.qc_dir / "thumbnail.png")
+    from .tissue import write_geojson, write_mask_png
+
+    write_mask_png(mask, mask_png)
+    write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=out.slide_id)
+    rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
+    write_png(thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0))
+
+    remove_stale_temporaries(out.store)
+    attrs = _store_attrs(slide, geometry, out.slide_id, mask, tissue, tiling, status)
+    write_tile_table(out.store, coords, fractions, attrs)
+    return {
+        "status": status,
+        "reason": "no tissue found by the mask" if status == STATUS_NO_TISSUE else "",
+        "n_tiles": int(len(coords)),
+        "tissue_area_mm2": float(mask.area_mm2),
+        "geometry": geometry.to_dict(),
+        "store": out.rel(out.store),
+        "qc": {"thumbnail": out.rel(thumb_png), "mask": out.rel(mask_png), "geojson": out.rel(geojson_path)},
+    }
+
+
+def _shrink_to(img: np.ndarray, level0_per_px: float, target_level0_per_px: float) -> tuple[np.ndarray, float]:
+    """Resize `img` down to `target_level0_per_px` (never up); returns the image and its exact scale."""
+    import cv2
+
+    if target_level0_per_px <= level0_per_px * 1.01:
+        return img, level0_per_px
+    factor = level0_per_px / target_level0_per_px
+    h, w = img.shape[:2]
+    new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
+    small = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return small, level0_per_px * w / new_w
+
+
+def _tile_fractions(mask: TissueMask, coords: np.ndarray, geometry: TileGeometry, mask_scale: float) -> np.ndarray:
+    if len(coords) == 0:
+        return np.zeros(0, dtype=np.float32)
+    size = geometry.tile_size_level0
+    boxes = np.column_stack([coords.astype(np.float64), np.full((len(coords), 2), size)])
+    return np.asarray(mask.tissue_fractions(boxes, mask_scale), dtype=np.float32)
+
+
+def _rings(poly: Any) -> list[np.ndarray]:
+    outer = getattr(poly, "outer", None)
+    holes = getattr(poly, "holes", [])
+    return [outer, *holes] if outer is not None else [np.asarray(poly)]
+
+
+def _store_attrs(slide: Slide, geometry: TileGeometry, slide_id: str, mask: TissueMask, tissue: TissueParams,
+                 tiling: TilingParams, status: str) -> dict[str, Any]:
+    info = slide.info
+    return {
+        "slide_id": slide_id,
+        "status": status,
+        "slide_path": str(Path(info.path).resolve()),
+        "tile_px": geometry.tile_px,
+        "target_mpp": geometry.target_mpp,
+        "read_level": geometry.read_level,
+        "read_size": geometry.read_size,
+        "level_downsample": geometry.level_downsample,
+        "tile_size_level0": geometry.tile_size_level0,
+        "stride_level0": geometry.stride_level0,
+        "overlap": geometry.overlap,
+        "upsampled": geometry.upsampled,
+        "min_tissue_fraction": tiling.min_tissue_fraction,
+        "slide_mpp": geometry.slide_mpp,
+        "mpp_source": info.mpp_source,
+        "slide_dimensions": list(info.dimensions),
+        "backend": info.backend,
+        "vendor": info.vendor,
+        "slide_file_size": info.file_size,
+        "slide_mtime": info.mtime,
+        "tissue_area_mm2": float(mask.area_mm2),
+        "tissue_params": tissue.model_dump(),
+        "mask_threshold": float(mask.threshold),
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

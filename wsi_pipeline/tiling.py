@@ -1,0 +1,91 @@
+"""Tile geometry in microns and the tissue-filtered tile grid of a slide.
+
+A tile is `tile_px` pixels at `target_mpp` µm/px. It is read from the coarsest pyramid level that is still at least
+as fine as the target (one resize, always a shrink unless the slide itself is coarser than the target) and laid on a
+level-0 grid with optional overlap. Tiles covering less than `min_tissue_fraction` tissue are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+class TilingParams(BaseModel):
+    """Tile geometry: `tile_px` x `tile_px` pixels at `target_mpp` µm/px (256 px at 0.5 µm/px = 128 µm, 20x)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile_px: int = Field(256, ge=16, le=8192, description="tile side in output pixels")
+    target_mpp: float = Field(0.5, gt=0.05, le=50, description="microns per output pixel (0.5 = 20x, 0.25 = 40x)")
+    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of a tile shared with its neighbour")
+    min_tissue_fraction: float = Field(0.25, ge=0.0, le=1.0, description="drop tiles with less tissue than this")
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How tiles of one slide are read: everything needed to reproduce a tile from its level-0 coordinates."""
+
+    tile_px: int
+    target_mpp: float
+    slide_mpp: float
+    overlap: float
+    read_level: int
+    level_downsample: float
+    read_size: int  # tile side in pixels of `read_level`, resized once to `tile_px`
+    tile_size_level0: float  # tile side in level-0 pixels (exact, not rounded)
+    stride_level0: float
+    upsampled: bool  # the slide is coarser than the target: tiles are enlarged (recorded, warned)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan_geometry(slide: Slide, params: TilingParams) -> TileGeometry:
+    slide_mpp = slide.require_mpp()
+    downsample = params.target_mpp / slide_mpp  # level-0 pixels per output pixel
+    level = slide.best_level_for_downsample(downsample)
+    level_ds = slide.info.level_downsamples[level]
+    tile_size_level0 = params.tile_px * downsample
+    read_size = max(1, round(tile_size_level0 / level_ds))
+    upsampled = downsample < 1 - 1e-3
+    if upsampled:
+        log.warning("%s: slide MPP %.3f is coarser than target %.3f; tiles will be enlarged", slide.path,
+                    slide_mpp, params.target_mpp)
+    return TileGeometry(
+        tile_px=params.tile_px,
+        target_mpp=params.target_mpp,
+        slide_mpp=slide_mpp,
+        overlap=params.overlap,
+        read_level=level,
+        level_downsample=level_ds,
+        read_size=read_size,
+        tile_size_level0=tile_size_level0,
+        stride_level0=tile_size_level0 * (1.0 - params.overlap),
+        upsampled=upsampled,
+    )
+
+
+def grid_coords(width: int, height: int, geometry: TileGeometry) -> np.ndarray:
+    """Level-0 top-left (x, y) of every tile lying wholly inside a `width` x `height` slide, row-major."""
+    size, stride = geometry.tile_size_level0, geometry.stride_level0
+    nx = _count(width, size, stride)
+    ny = _count(height, size, stride)
+    xs = np.floor(np.arange(nx) * stride + 1e-6).astype(np.int64)
+    ys = np.floor(np.arange(ny) * stride + 1e-6).astype(np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def _count(extent: int, size: float, stride: float) -> int:
+    if extent < size:
+        return 0
+    return int(math.floor((extent - size) / stride + 1e-9)) + 1
