@@ -255,6 +255,12 @@ def _open_tiffslide(path: Path) -> Any:
     return tiffslide.TiffSlide(str(path))
 
 
+def _is_corrupt_not_unsupported(err: BaseException) -> bool:
+    import openslide
+
+    return isinstance(err, openslide.OpenSlideError) and not isinstance(err, openslide.OpenSlideUnsupportedFormatError)
+
+
 _OPENERS = {"openslide": _open_openslide, "tiffslide": _open_tiffslide}
 
 
@@ -268,10 +274,16 @@ def open_slide(path: str | os.PathLike[str], backend: Backend = "auto", mpp: flo
     errors = []
     for name in order:
         try:
-            handle = _OPENERS[name](opened)
+            # TiffSlide parses lazily: metadata reads inside Slide() can fail too, so both are tried together.
+            return Slide(_OPENERS[name](opened), name, path, opened, mpp)
+        except SlideError:
+            raise
         except Exception as err:  # each backend raises its own types; we report them together below
             errors.append(f"{name}: {_first_line(err)}")
+            if name == "openslide" and _is_corrupt_not_unsupported(err):
+                # OpenSlide knows the format but the file is damaged: another reader would only read garbage.
+                raise SlideError(f"{path}: damaged slide file ({errors[-1]}); it is probably truncated or "
+                                 "corrupt, copy it again from the source") from err
             continue
-        return Slide(handle, name, path, opened, mpp)
     raise SlideError(f"{path}: not a readable slide ({'; '.join(errors)}); check the file is a whole-slide image "
                      "that is complete (not truncated), or convert it to a pyramidal TIFF")

@@ -1,0 +1,16 @@
+# wsi_pipeline: whole-slide images in, tiles -> embeddings -> MIL models -> explanations out.
+# This file is the table of contents; each stage lives in workflows/rules/. Run: snakemake --cores all
+# Configuration: workflows/config.yaml (override with --configfile my.yaml or --config key=value).
+
+configfile: "workflows/config.yaml"
+
+
+include: "workflows/rules/common.smk"  # validated config, cohort table, output paths
+include: "workflows/rules/tile.smk"  # stage 1: tissue mask + tile grid + QC, one job per slide
+include: "workflows/rules/report.smk"  # cohort report (CSV + HTML) and failure summary
+
+
+rule all:
+    input:
+        rules.report.output,
+    default_target: True
