@@ -74,7 +74,7 @@ def tile_slide(path: str | os.PathLike[str], results: str | os.PathLike[str], *,
             sidecar.update(_tile_open_slide(slide, out, tiling, tissue))
     except PipelineError as err:
         sidecar.update(status=STATUS_FAILED, reason=str(err), n_tiles=0)
-        log.error("%s", err)
+        log.info("%s: failed: %s", slide_id, err)
     sidecar["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out.sidecar, sidecar)
     return sidecar
