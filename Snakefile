@@ -1,8 +1,10 @@
 # wsi_pipeline: whole-slide images in, tiles -> embeddings -> MIL models -> explanations out.
 # This file is the table of contents; each stage lives in workflows/rules/. Run: snakemake --cores all
+import os
+
 # Configuration: workflows/config.yaml (override with --configfile my.yaml or --config key=value).
 
-configfile: "workflows/config.yaml"
+configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
 
 
 include: "workflows/rules/common.smk"  # validated config, cohort table, output paths

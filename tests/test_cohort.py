@@ -64,10 +64,12 @@ def test_glob_cohort(shared_data: Path) -> None:
         cohort_from_glob(str(shared_data / "slides" / "*.ndpi"))
 
 
-def test_config_errors_are_one_line(tmp_path: Path) -> None:
+def test_config_errors_are_one_line(tmp_path: Path, shared_data: Path) -> None:
+    SLIDES_GLOB = shared_data / "slides" / "*.svs"
     with pytest.raises(ConfigError) as err:
         load_config({"samples": "x.csv", "tiling": {"tile_px": -3, "bogus": 1}})
     msg = str(err.value)
     assert "tiling.tile_px" in msg and "tiling.bogus" in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match="exactly one of"):
+    with pytest.raises(ConfigError, match="'samples' is not set"):
         load_config({}).cohort()
+    assert len(load_config({"samples": str(SLIDES_GLOB)}).cohort()) == 3

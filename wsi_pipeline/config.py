@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 import pandas as pd
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cohort import cohort_from_glob, read_sample_sheet
@@ -25,18 +25,20 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    samples: str | None = Field(None, description="sample sheet CSV: slide_id,path[,mpp,patient_id,labels...]")
-    slides: str | None = Field(None, description="alternative to samples: a glob such as /data/*.svs")
+    samples: str | None = Field(None, description="sample sheet CSV (slide_id,path[,mpp,patient_id,labels...]) "
+                                "or a glob of slide files such as /data/*.svs")
     results: str = Field("results", description="output folder")
     backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
     tiling: TilingParams = Field(default_factory=TilingParams)
     tissue: TissueParams = Field(default_factory=TissueParams)
 
     def cohort(self) -> pd.DataFrame:
-        """The validated cohort table (from `samples` or `slides`), indexed by slide_id."""
-        if (self.samples is None) == (self.slides is None):
-            raise ConfigError("config: set exactly one of 'samples' (a CSV sample sheet) or 'slides' (a glob)")
-        return read_sample_sheet(self.samples) if self.samples else cohort_from_glob(str(self.slides))
+        """The validated cohort table, indexed by slide_id: `samples` is a CSV sheet, or else a glob of slides."""
+        if not self.samples:
+            raise ConfigError("config: 'samples' is not set; give a sample sheet CSV or a glob such as /data/*.svs")
+        if self.samples.lower().endswith(".csv"):
+            return read_sample_sheet(self.samples)
+        return cohort_from_glob(self.samples)
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, Any] | None = None
