@@ -168,7 +168,9 @@ def _px(um: float, mpp: float) -> int:
 
 
 def _ellipse(diameter_px: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter_px, diameter_px))
+    # Odd sizes only: an even kernel has no centre pixel and shifts the mask by half a pixel per operation.
+    d = diameter_px | 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
 
 
 def _as_rgb(rgb: np.ndarray) -> np.ndarray:
