@@ -149,7 +149,8 @@ def test_saturation_otsu_mask_matches_truth(slides, fmt):
 def test_truth_mask_agrees_with_opencv_rasterisation():
     regions = default_regions(W, H, seed=5)
     spec = SyntheticSpec(path=Path("x"), width=W, height=H, mpp=0.5, fmt="svs", regions=regions,
-                         tile_size=256, level_downsamples=(1.0,), level_dimensions=((W, H),), seed=5)
+                         tile_size=256, level_downsamples=(1.0, 8.0), seed=5)
+    assert spec.level_dimensions == ((W, H), (W // 8, H // 8))
     ref = np.zeros((H, W), np.uint8)
     for r in regions:
         if r.kind == "rectangle":

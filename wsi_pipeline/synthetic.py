@@ -1,17 +1,17 @@
 """Synthetic whole-slide images with known tissue geometry, for tests, the demo cohort and benchmarks.
 
-Slides are real TIFF files (Aperio SVS, generic pyramidal TIFF, flat strip TIFF, OME-TIFF) that OpenSlide and
-TiffSlide open. Pixels are drawn tile by tile from the region geometry and a small pre-rendered texture atlas, so
-a 100,000 x 80,000 px slide streams to disk with flat memory. Tiles entirely inside tissue or background are
-picked from a pool of pre-encoded variants (cheap); only tiles crossing an edge, a pen mark or the border are
-rendered and encoded one by one.
+Slides are real TIFF files (Aperio SVS, generic pyramidal TIFF, flat strip TIFF, OME-TIFF) that OpenSlide
+and/or TiffSlide open. Pixels are drawn tile by tile from the region geometry and a small pre-rendered texture
+atlas, so a 100,000 x 80,000 px slide streams to disk with flat memory. Tiles entirely inside tissue or
+background come from a pool of pre-encoded variants; only tiles crossing an edge, a pen mark or the border
+are rendered and encoded one by one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,25 +22,18 @@ import tifffile
 
 FORMATS = ("svs", "tiff", "flat", "ome")
 ATLAS = 1024  # texture atlas side (px); tiles are crops of it
-POOL_TISSUE, POOL_BG = 48, 8  # pre-encoded variants per level for uniform tissue / background tiles
+POOL_TISSUE, POOL_BG = 256, 16  # pre-encoded variants per level for uniform tissue / background tiles
 BACKGROUND_RGB = (240.0, 238.0, 240.0)
 PEN_RGB = {"blue": (25, 50, 190), "green": (30, 140, 60), "black": (22, 22, 28)}
 APERIO_HEAD = "Aperio Image Library v12.0.15"
 NUCLEI_PER_UM2 = 30e-4  # at nuclei_density=1: one nucleus per ~330 um^2 of stroma
 
 
-@dataclass(frozen=True)
-class Stain:
-    """Tissue appearance: RGB of eosin-stained stroma and of hematoxylin-stained nuclei."""
-
-    stroma: tuple[float, float, float]
-    nuclei: tuple[float, float, float]
-
-
+# Stain presets: RGB of eosin-stained stroma and of hematoxylin-stained nuclei.
 STAINS = {
-    "he": Stain((234, 164, 203), (92, 58, 148)),
-    "he_light": Stain((242, 190, 218), (128, 96, 176)),
-    "he_dark": Stain((214, 128, 178), (62, 36, 118)),
+    "he": ((234, 164, 203), (92, 58, 148)),
+    "he_light": ((242, 190, 218), (128, 96, 176)),
+    "he_dark": ((214, 128, 178), (62, 36, 118)),
 }
 
 
@@ -88,22 +81,31 @@ class SyntheticSpec:
     regions: tuple[Region, ...]
     tile_size: int
     level_downsamples: tuple[float, ...]
-    level_dimensions: tuple[tuple[int, int], ...]
     seed: int
+    level_dimensions: tuple[tuple[int, int], ...] = ()  # (width, height) per level; derived when empty
     stain: str = "he"
     nuclei_density: float = 1.0
     pen_marks: tuple[PenMark, ...] = ()
     border_width: int = 0
     compression: str = "jpeg"
     jpeg_quality: int = 80
-    associated: tuple[str, ...] = field(default=())
+    associated: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.level_dimensions:  # levels are ceil-sized, as tifffile and OpenSlide report them
+            dims = tuple((math.ceil(self.width / d), math.ceil(self.height / d)) for d in self.level_downsamples)
+            object.__setattr__(self, "level_dimensions", dims)
 
     @property
     def pen_boxes(self) -> dict[str, tuple[float, float, float, float]]:
         return {p.color: (p.box.x0, p.box.y0, p.box.x1, p.box.y1) for p in self.pen_marks}
 
     def truth_mask(self, downsample: float) -> np.ndarray:
-        """Regions rasterised at ``downsample``: a pixel is tissue when its centre lies inside a region."""
+        """Regions rasterised at ``downsample``: a pixel is tissue when its centre lies inside a region.
+
+        A downsample within 1% of a level's (e.g. OpenSlide's 63.99 for a ceil-sized level 64) snaps to it, so
+        the mask has exactly that level's shape."""
+        downsample = next((d for d in self.level_downsamples if abs(downsample / d - 1) < 0.01), downsample)
         h, w = math.ceil(self.height / downsample), math.ceil(self.width / downsample)
         xs, ys = (np.arange(w) + 0.5) * downsample, (np.arange(h) + 0.5) * downsample
         return _union(self.regions, xs, ys)
@@ -164,11 +166,11 @@ def _place_pens(
     for color in colors:
         if color not in PEN_RGB:
             raise ValueError(f"unknown pen colour {color!r}; use one of {sorted(PEN_RGB)}")
-        spot = next(((x, y) for x, y in cands
-                     if not any(r.intersects(x - gap, y - gap, x + bw + gap, y + bh + gap) for r in taken)), None)
-        if spot is None:
-            raise ValueError(f"no room for a {color} pen mark outside the tissue regions; make the slide larger")
-        x, y = spot
+        free = [(x, y) for x, y in cands
+                if not any(r.intersects(x - gap, y - gap, x + bw + gap, y + bh + gap) for r in taken)]
+        if not free:
+            raise ValueError(f"no room for a {color} pen mark outside the tissue regions; use a larger slide")
+        x, y = free[0]
         t = np.linspace(0, 1, 48)
         px = x + thick + t * (bw - 2 * thick)
         py = y + bh / 2 + (bh / 2 - thick) * np.sin(2 * np.pi * (1.5 * t + rng.uniform()))
@@ -190,43 +192,35 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: tuple[float, float
     return n / max(float(n.std()), 1e-6)
 
 
-def _render_atlas(
-    s: int, um_per_px: float, stain: Stain, density: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: int) -> tuple[np.ndarray, ...]:
     """(tissue, background) RGB textures of s x s px at ``um_per_px``."""
     rng = np.random.default_rng([seed, int(um_per_px * 1000)])
     low = _smooth_noise(rng, s, (30 / um_per_px + 1, 30 / um_per_px + 1))
     fib = _smooth_noise(rng, s, (max(0.7, 4 / um_per_px), max(0.5, 1.5 / um_per_px)))
-    # Nuclear coverage: drawn as ellipses (supersampled up to 4x) while nuclei are resolvable, else a field.
-    sup = int(min(4, max(1, round(um_per_px))))
-    fine = um_per_px / sup
-    area = (s * um_per_px) ** 2
-    if fine <= 1.0:
-        alpha = np.zeros((s * sup, s * sup), np.float32)
-        n = int(rng.poisson(density * NUCLEI_PER_UM2 * area))
-        centres = rng.uniform(0, s * sup, (n, 2))
-        # a third of the nuclei cluster, as in glands / infiltrates
-        k = n // 3
-        hubs = rng.uniform(0, s * sup, (max(1, k // 25), 2))
-        centres[:k] = hubs[rng.integers(0, len(hubs), k)] + rng.normal(0, 12 / fine, (k, 2))
-        radii = rng.uniform(2.5, 4.5, n) / fine
-        params = (centres.tolist(), radii.tolist(), rng.uniform(0.55, 1, n).tolist(), rng.uniform(0, 180, n).tolist(),
-                  rng.uniform(0.75, 1.0, n).tolist())
+    # Nuclear coverage: anti-aliased ellipses while nuclei are >= ~1 px in radius, else a mottled field.
+    if um_per_px <= 2.5:
+        alpha = np.zeros((s, s), np.float32)
+        n = int(rng.poisson(density * NUCLEI_PER_UM2 * (s * um_per_px) ** 2))
+        centres = rng.uniform(0, s, (n, 2))
+        k = n // 3  # a third of the nuclei cluster, as in glands / infiltrates
+        hubs = rng.uniform(0, s, (max(1, k // 25), 2))
+        centres[:k] = hubs[rng.integers(0, len(hubs), k)] + rng.normal(0, 12 / um_per_px, (k, 2))
+        params = (centres.tolist(), (rng.uniform(2.5, 4.5, n) / um_per_px).tolist(),
+                  rng.uniform(0.55, 1, n).tolist(), rng.uniform(0, 180, n).tolist(), rng.uniform(0.75, 1, n).tolist())
         for (cx, cy), r, asp, ang, a in zip(*params, strict=True):
             axes = (max(1, int(r * 16)), max(1, int(r * asp * 16)))
             cv2.ellipse(alpha, (int(cx * 16), int(cy * 16)), axes, ang, 0, 360, a, -1, cv2.LINE_AA, 4)
-        if sup > 1:
-            alpha = cv2.resize(alpha, (s, s), interpolation=cv2.INTER_AREA)
     else:
         cover = min(0.9, density * NUCLEI_PER_UM2 * np.pi * 3.5**2 * 0.8)
         alpha = np.clip(cover * (1 + 0.35 * _smooth_noise(rng, s, (1.0, 1.0))), 0, 1).astype(np.float32)
-    stroma = np.array(stain.stroma, np.float32) * (1 + 0.03 * low + 0.03 * fib)[..., None]
-    nuc = np.array(stain.nuclei, np.float32) * (1 + 0.08 * _smooth_noise(rng, s, (1.5, 1.5)))[..., None]
-    a = alpha[..., None]
-    grain = rng.standard_normal((s, s, 3), np.float32)  # shared: tissue and background never overlap
-    tissue = stroma * (1 - a) + nuc * a + 3 * grain
-    bg = np.array(BACKGROUND_RGB, np.float32) + 0.8 * low[..., None] + 1.5 * grain
-    return (np.clip(tissue, 0, 255).astype(np.uint8), np.clip(bg, 0, 255).astype(np.uint8))
+    # Composite channel by channel on single-channel float32 planes: ~10x faster than (s, s, 3) temporaries.
+    stroma_mod = 1 + 0.03 * (low + fib)
+    nuc_mod = 1 + 0.08 * _smooth_noise(rng, s, (1.5, 1.5))
+    grain = rng.standard_normal((s, s), np.float32)
+    ws, wn = stroma_mod * (1 - alpha), nuc_mod * alpha
+    tissue = cv2.merge([ws * c_s + wn * c_n + 3 * grain for c_s, c_n in zip(*STAINS[stain], strict=True)])
+    bg = cv2.merge([c + 0.8 * low + 1.5 * grain for c in BACKGROUND_RGB])
+    return cv2.convertScaleAbs(tissue), cv2.convertScaleAbs(bg)  # rounds and saturates to uint8
 
 
 class _Painter:
@@ -234,7 +228,6 @@ class _Painter:
 
     def __init__(self, spec: SyntheticSpec, encode: Callable[[np.ndarray], bytes]) -> None:
         self.s, self.encode = spec, encode
-        self.stain = STAINS[spec.stain]
         self.atlases: dict[float, tuple[np.ndarray, np.ndarray]] = {}
         self.pool: dict[tuple[float, int, int], bytes] = {}
 
@@ -243,7 +236,7 @@ class _Painter:
             um = (self.s.mpp or 0.25) * ds
             # small levels get a smaller atlas: rendering cost matters for the many tiny test slides
             side = ATLAS if max(self.s.width, self.s.height) / ds > ATLAS // 2 else ATLAS // 2
-            self.atlases[ds] = _render_atlas(side, um, self.stain, self.s.nuclei_density, self.s.seed)
+            self.atlases[ds] = _render_atlas(side, um, self.s.stain, self.s.nuclei_density, self.s.seed)
         return self.atlases[ds]
 
     def _crop(self, img: np.ndarray, key: int, tw: int, th: int) -> np.ndarray:
@@ -343,7 +336,8 @@ def _encoder(compression: str, quality: int, rgb_jpeg: bool) -> tuple[Callable[[
         out, sub = ("RGB", (1, 1)) if rgb_jpeg else ("YCBCR", (2, 2))
 
         def enc(a: np.ndarray) -> bytes:
-            return imagecodecs.jpeg_encode(a, level=quality, colorspace="RGB", outcolorspace=out, subsampling=sub)
+            return imagecodecs.jpeg_encode(a, level=quality, colorspace="RGB", outcolorspace=out,
+                                           subsampling=sub)
 
         return enc, {"compression": "jpeg", "subsampling": sub, "compressionargs": {"outcolorspace": out}}
     if compression in ("zlib", "deflate"):
@@ -387,17 +381,19 @@ def _write_svs(spec: SyntheticSpec, painter: _Painter, tags: dict, big: bool) ->
     mag = 40 if mpp is None or mpp <= 0.3 else 20 if mpp <= 0.6 else 10
     head = f"{APERIO_HEAD}\r\n{w}x{h} [0,0 {w}x{h}] ({t}x{t})"
     meta = (f"|AppMag = {mag}|StripeWidth = 2040|ScanScope ID = SYNTH|Filename = {spec.path.stem}"
-            f"|Date = 01/01/25|Time = 00:00:00" + (f"|MPP = {mpp:.4f}" if mpp else "") + f"|SyntheticSeed = {spec.seed}")
+            "|Date = 01/01/25|Time = 00:00:00" + (f"|MPP = {mpp:.4f}" if mpp else "")
+            + f"|SyntheticSeed = {spec.seed}")
     jpeg = {"photometric": "rgb", "metadata": None, **tags}
     label = _label_image(spec.seed, spec.path.stem)
     with tifffile.TiffWriter(spec.path, bigtiff=big) as tw:
         for i, (lw, lh) in enumerate(spec.level_dimensions):
             desc = f"{head} JPEG/RGB Q={q}{meta}" if i == 0 else f"{head} -> {lw}x{lh} JPEG/RGB Q={q}"
-            tw.write(painter.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, tile=(t, t), description=desc, **jpeg)
+            tw.write(painter.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, tile=(t, t), description=desc,
+                     **jpeg)
             if i == 0:  # Aperio puts the stripped thumbnail right after level 0
                 thumb = painter.thumbnail(min(768, max(w, h) // 4))
-                th, tw_ = thumb.shape[:2]
-                tw.write(thumb, rowsperstrip=16, description=f"{APERIO_HEAD}\n{w}x{h} -> {tw_}x{th} - {meta}", **jpeg)
+                size = f"{thumb.shape[1]}x{thumb.shape[0]}"
+                tw.write(thumb, rowsperstrip=16, description=f"{APERIO_HEAD}\n{w}x{h} -> {size} - {meta}", **jpeg)
         tw.write(label, photometric="rgb", compression="lzw", predictor=True, rowsperstrip=16, subfiletype=1,
                  description=f"{APERIO_HEAD}\nlabel {label.shape[1]}x{label.shape[0]}", metadata=None)
         macro = _macro_image(label, thumb)
@@ -466,13 +462,13 @@ def write_synthetic_slide(
     path.parent.mkdir(parents=True, exist_ok=True)
     regs = default_regions(width, height, seed) if regions is None else tuple(regions)
     pens = _place_pens(pen_marks, width, height, regs, seed)
-    if fmt == "flat":
-        ds: tuple[float, ...] = (1.0,)
-    else:
-        ds = tuple(float(d) for d in level_downsamples) if level_downsamples else _levels(width, height, tile_size)
+    ds = tuple(float(d) for d in level_downsamples) if level_downsamples else _levels(width, height, tile_size)
+    ds = (1.0,) if fmt == "flat" else ds
+    if ds[0] != 1.0 or any(b <= a for a, b in zip(ds, ds[1:], strict=False)):
+        raise ValueError(f"level_downsamples={ds} must start at 1 and increase")
     spec = SyntheticSpec(
         path=path, width=width, height=height, mpp=mpp, fmt=fmt, regions=regs, tile_size=tile_size,
-        level_downsamples=ds, level_dimensions=tuple((math.ceil(width / d), math.ceil(height / d)) for d in ds),
+        level_downsamples=ds,
         seed=seed, stain=stain, nuclei_density=nuclei_density, pen_marks=pens,
         border_width=max(1, round(0.015 * min(width, height))) if black_border else 0,
         compression=compression, jpeg_quality=jpeg_quality,
@@ -520,7 +516,7 @@ def write_demo_cohort(
             sid = f"demo_{len(rows):03d}"
             spec = write_synthetic_slide(
                 out / f"{sid}.svs", width=width, height=height, mpp=mpp, seed=_mix(seed, len(rows)) % 2**31,
-                stain="he_dark" if label else "he", nuclei_density=2.0 if label else 0.6, jpeg_quality=70,
+                stain="he_dark" if label else "he", nuclei_density=2.0 if label else 0.6, jpeg_quality=60,
             )
             rows.append({"slide_id": sid, "path": str(spec.path.resolve()), "patient_id": f"P{patient:03d}",
                          "label": label, "time": time, "event": event})
