@@ -73,6 +73,15 @@ def test_disks_found_with_high_dice(synthetic: tuple[np.ndarray, np.ndarray]) ->
     assert result.area_mm2 == pytest.approx(truth.sum() * (MPP / 1000) ** 2, rel=0.05)
 
 
+def test_mask_is_not_shifted(synthetic: tuple[np.ndarray, np.ndarray]) -> None:
+    # Even-sized morphology kernels have no centre pixel and drift the mask; the centroids must stay put.
+    rgb, truth = synthetic
+    for close_um, open_um in [(32.0, 16.0), (24.0, 40.0)]:
+        mask = compute_tissue_mask(rgb, MPP, TissueParams(close_um=close_um, open_um=open_um)).mask
+        shift = np.argwhere(mask).mean(axis=0) - np.argwhere(truth).mean(axis=0)
+        assert np.abs(shift).max() < 0.25
+
+
 def test_otsu_threshold_matches_skimage(synthetic: tuple[np.ndarray, np.ndarray]) -> None:
     rgb, _ = synthetic
     params = TissueParams()

@@ -168,7 +168,7 @@ def _px(um: float, mpp: float) -> int:
 
 
 def _ellipse(diameter_px: int) -> np.ndarray:
-    # Odd sizes only: an even kernel has no centre pixel and shifts the mask by half a pixel per operation.
+    # Odd sizes only: an even kernel has no centre pixel, and a close or open with it shifts the mask.
     d = diameter_px | 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
 
