@@ -103,9 +103,12 @@ class SyntheticSpec:
     def truth_mask(self, downsample: float) -> np.ndarray:
         """Regions rasterised at ``downsample``: a pixel is tissue when its centre lies inside a region.
 
-        A downsample within 1% of a level's (e.g. OpenSlide's 63.99 for a ceil-sized level 64) snaps to it, so
-        the mask has exactly that level's shape."""
-        downsample = next((d for d in self.level_downsamples if abs(downsample / d - 1) < 0.01), downsample)
+        A level's downsample as a reader reports it (e.g. OpenSlide's 63.99 for a ceil-sized level 64) snaps
+        to the nominal one, so the mask has exactly that level's shape."""
+        for d, dims in zip(self.level_downsamples, self.level_dimensions, strict=True):
+            if abs(downsample / d - 1) < 0.01 and dims == (round(self.width / downsample),
+                                                           round(self.height / downsample)):
+                downsample = d
         h, w = math.ceil(self.height / downsample), math.ceil(self.width / downsample)
         xs, ys = (np.arange(w) + 0.5) * downsample, (np.arange(h) + 0.5) * downsample
         return _union(self.regions, xs, ys)
