@@ -1,0 +1,221 @@
+"""Build tiny, real models and save them to local directories, in the formats the encoders load.
+
+Nothing here touches a network: weights are random (seeded), configs are written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+# --- a ConceptCLIP-like checkpoint that ships its own code (config.json auto_map -> modeling_*.py) ---
+
+CONFIG_CODE = '''
+from transformers import PretrainedConfig
+
+
+class TinyConceptConfig(PretrainedConfig):
+    model_type = "tinyconcept"
+
+    def __init__(self, image_size=64, patch_size=16, width=48, depth=2, heads=3, proj_dim=24, **kwargs):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.depth = depth
+        self.heads = heads
+        self.proj_dim = proj_dim
+        super().__init__(**kwargs)
+'''
+
+MODELING_CODE = '''
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from transformers import PreTrainedModel
+
+from .configuration_tinyconcept import TinyConceptConfig
+
+
+class TinyConceptModel(PreTrainedModel):
+    """ConceptCLIP's image contract in miniature: a timm ViT with attention (MAP) pooling;
+    encode_image(pixel_values, normalize=False) -> (pooled (B, width), tokens (B, N, width))."""
+
+    config_class = TinyConceptConfig
+    base_model_prefix = "tinyconcept"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.visual = VisionTransformer(
+            img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.width,
+            depth=config.depth, num_heads=config.heads, num_classes=0, global_pool="map",
+            class_token=False, mlp_ratio=2.0,
+        )
+        self.image_proj = torch.nn.Linear(config.width, config.proj_dim)  # unused by encode_image, as upstream
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # timm initialised the tower already; checkpoints overwrite everything anyway
+
+    def encode_image(self, pixel_values, normalize=False):
+        tokens = self.visual.forward_features(pixel_values)
+        pooled = self.visual.forward_head(tokens)
+        if normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return pooled, tokens
+
+    def forward(self, pixel_values=None, **kwargs):
+        pooled, _ = self.encode_image(pixel_values, normalize=True)
+        return {"image_features": pooled, "logit_scale": self.logit_scale.exp()}
+'''
+
+TINY_CONCEPT_WIDTH = 48
+
+
+def siglip_processor_config(size: int) -> dict:
+    """A SigLIP image-processor config as ConceptCLIP ships it: squash to size, bicubic (3), mean = std = 0.5."""
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+    }
+
+
+def make_tiny_conceptclip(root: Path, image_size: int = 64, seed: int = 0) -> Path:
+    """A directory loadable with AutoModel.from_pretrained(..., trust_remote_code=True, local_files_only=True)."""
+    from transformers import AutoConfig, AutoModel
+
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "configuration_tinyconcept.py").write_text(CONFIG_CODE)
+    (d / "modeling_tinyconcept.py").write_text(MODELING_CODE)
+    auto_map = {
+        "AutoConfig": "configuration_tinyconcept.TinyConceptConfig",
+        "AutoModel": "modeling_tinyconcept.TinyConceptModel",
+    }
+    cfg = {"model_type": "tinyconcept", "auto_map": auto_map, "image_size": image_size, "patch_size": 16,
+           "width": TINY_CONCEPT_WIDTH, "depth": 2, "heads": 3, "proj_dim": 24, "architectures": ["TinyConceptModel"]}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    config = AutoConfig.from_pretrained(str(d), trust_remote_code=True, local_files_only=True)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, trust_remote_code=True)
+    model.save_pretrained(str(d), safe_serialization=True)
+    saved = json.loads((d / "config.json").read_text())
+    saved["auto_map"] = auto_map  # keep the remote-code pointer whatever save_pretrained wrote
+    (d / "config.json").write_text(json.dumps(saved, indent=2))
+    (d / "preprocessor_config.json").write_text(json.dumps(siglip_processor_config(image_size), indent=2))
+    assert (d / "model.safetensors").is_file()
+    return d
+
+
+def put_in_hub_cache(model_dir: Path, cache_dir: Path, repo_id: str, revision: str) -> Path:
+    """Lay a model directory out as a Hugging Face cache snapshot (models--org--name/snapshots/<rev>)."""
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / revision
+    shutil.copytree(model_dir, snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snap
+
+
+# --- open_clip ---
+
+TINY_OPEN_CLIP_CFG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_OPEN_CLIP_PREPROCESS = {
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def make_tiny_open_clip(root: Path, seed: int = 0) -> Path:
+    """An open_clip hf-hub style directory: open_clip_config.json + open_clip_model.safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP_CFG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    (d / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_OPEN_CLIP_CFG, "preprocess_cfg": TINY_OPEN_CLIP_PREPROCESS}, indent=2)
+    )
+    return d
+
+
+def register_tiny_open_clip_arch(root: Path, name: str = "tiny-clip-test") -> str:
+    """Register the tiny config as a built-in architecture name (for the `model_id` + checkpoint-file path)."""
+    import open_clip
+
+    cfg_dir = Path(root)
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / f"{name}.json").write_text(json.dumps(TINY_OPEN_CLIP_CFG))
+    open_clip.add_model_config(cfg_dir)
+    return name
+
+
+# --- timm ---
+
+TINY_TIMM_ARCH = "vit_tiny_patch16_224"
+TINY_TIMM_ARGS = {"img_size": 64, "depth": 2, "embed_dim": 48, "num_heads": 3}
+
+
+def make_tiny_timm(root: Path, seed: int = 0) -> Path:
+    """A timm hub-style directory (config.json with architecture/model_args + model.safetensors)."""
+    import timm
+    from safetensors.torch import save_file
+
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY_TIMM_ARCH, pretrained=False, num_classes=5, **TINY_TIMM_ARGS)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(
+        json.dumps({"architecture": TINY_TIMM_ARCH, "num_classes": 5, "model_args": TINY_TIMM_ARGS}, indent=2)
+    )
+    return d
+
+
+# --- VisionEncoderDecoder (CLIP vision encoder + GPT-2 decoder, as medical captioners) ---
+
+TINY_VED_HIDDEN = 32
+
+
+def make_tiny_vision_encoder_decoder(root: Path, image_size: int = 64, seed: int = 0) -> Path:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    enc = CLIPVisionConfig(hidden_size=TINY_VED_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=16)
+    dec = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32,
+                     add_cross_attention=True, is_decoder=True, bos_token_id=0, eos_token_id=1)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(config=cfg)
+    model.save_pretrained(str(d), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       do_center_crop=True, resample=3).save_pretrained(str(d))
+    return d
