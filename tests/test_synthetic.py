@@ -218,6 +218,8 @@ def test_explicit_regions_are_rendered_where_given(tmp_path):
     assert _dice(_otsu_mask(rgb), spec.truth_mask(1.0)) > 0.97
     with pytest.raises(ValueError, match="format"):
         write_synthetic_slide(tmp_path / "x.png", fmt="png")
+    with pytest.raises(ValueError, match="invalid region"):
+        Region("circle", 0, 0, 10, 10)
 
 
 def test_demo_cohort_sheet_is_consistent(tmp_path):

@@ -47,6 +47,10 @@ class Region:
     x1: float
     y1: float
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("ellipse", "rectangle") or not (self.x1 > self.x0 and self.y1 > self.y0):
+            raise ValueError(f"invalid region {self}: kind must be ellipse/rectangle and x1 > x0, y1 > y0")
+
     def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Boolean grid (len(ys), len(xs)): which points (level-0 coordinates) lie inside."""
         if self.kind == "rectangle":
