@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,3 +90,14 @@ def _count(extent: int, size: float, stride: float) -> int:
     if extent < size:
         return 0
     return int(math.floor((extent - size) / stride + 1e-9)) + 1
+
+
+def read_tile(slide: Slide, xy: tuple[int, int], geometry: TileGeometry) -> np.ndarray:
+    """One tile as RGB uint8 (tile_px, tile_px, 3): one read at the planned level, one resize."""
+    size = geometry.read_size
+    region = slide.read_region((int(xy[0]), int(xy[1])), geometry.read_level, (size, size))
+    if size == geometry.tile_px:
+        return region
+    # INTER_AREA averages when shrinking (no aliasing); cubic when a coarse slide must be enlarged.
+    interp = cv2.INTER_AREA if size > geometry.tile_px else cv2.INTER_CUBIC
+    return cv2.resize(region, (geometry.tile_px, geometry.tile_px), interpolation=interp)
