@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
+import pytest
 import torch
 
 # --- a ConceptCLIP-like checkpoint that ships its own code (config.json auto_map -> modeling_*.py) ---
@@ -31,6 +33,8 @@ class TinyConceptConfig(PretrainedConfig):
 '''
 
 MODELING_CODE = '''
+import os
+
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
@@ -48,6 +52,10 @@ class TinyConceptModel(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        canary = os.environ.get("TINY_CONCEPT_CANARY")
+        if canary:  # lets a test see whether this (remote) code ran at all
+            with open(canary, "a") as f:
+                f.write("instantiated\\n")
         self.visual = VisionTransformer(
             img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.width,
             depth=config.depth, num_heads=config.heads, num_classes=0, global_pool="map",
@@ -219,3 +227,24 @@ def make_tiny_vision_encoder_decoder(root: Path, image_size: int = 64, seed: int
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                        do_center_crop=True, resample=3).save_pretrained(str(d))
     return d
+
+
+# --- a guard that fails any attempt to open a network connection ---
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make every INET socket connect fail loudly (and record it); unix sockets stay usable."""
+    attempts: list = []
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return attempts

@@ -65,6 +65,7 @@ def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") ->
         cache_dir=cfg.cache_dir,
         local_files_only=cfg.local_files_only,
         what=what,
+        hint=hint,
     )
     config = _read_config(model_dir, what, hint)
     auto_map = config.get("auto_map") or {}

@@ -32,13 +32,15 @@ def resolve_model_dir(
     what: str,
     allow_patterns: list[str] | None = None,
     require_weights: bool = True,
+    hint: str | None = None,
 ) -> tuple[Path, str | None]:
     """(directory, revision) of a model given either a local path or a hub repo id; one-line EncoderError if not.
 
     A local `path` wins. A hub repo is resolved with `snapshot_download`, which with `local_files_only=True`
     only looks in the cache and never touches the network.
     """
-    hint = download_hint(repo_id, revision) if repo_id else "set encoder.path to a local directory holding the model"
+    if hint is None:
+        hint = download_hint(repo_id, revision) if repo_id else "set encoder.path to a local directory holding the model"
     if path is not None:
         p = Path(path).expanduser()
         if not p.exists():
