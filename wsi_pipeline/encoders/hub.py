@@ -40,7 +40,8 @@ def resolve_model_dir(
     only looks in the cache and never touches the network.
     """
     if hint is None:
-        hint = download_hint(repo_id, revision) if repo_id else "set encoder.path to a local directory holding the model"
+        local = "set encoder.path to a local directory holding the model"
+        hint = download_hint(repo_id, revision) if repo_id else local
     if path is not None:
         p = Path(path).expanduser()
         if not p.exists():
