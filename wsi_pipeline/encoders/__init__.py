@@ -3,6 +3,11 @@
 Every encoder takes (B, H, W, 3) uint8 tiles on its device and returns (B, embed_dim) float32 on that device;
 `provenance()` says exactly what produced the numbers. Heavy libraries (transformers, open_clip, timm) are imported
 only when an encoder that needs them is built.
+
+    enc = build_encoder(EncoderConfig(name="conceptclip", trust_remote_code=True), "cuda:0")  # one per GPU
+    emb = enc.encode_uint8(tiles_uint8_on_gpu)        # (B, H, W, 3) uint8 -> (B, enc.embed_dim) float32
+    check_finite(emb, f"{slide_id} tiles {i}-{j}")    # FeatureError, one line, if NaN/inf
+    meta = enc.provenance()                           # JSON-able: store beside the embeddings
 """
 
 from __future__ import annotations
