@@ -264,3 +264,114 @@ def write_philips_tiff(src: SourcePixels, path: Path, *, tile: int = 256) -> Pat
                      metadata=None, resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER",
                      **first)
     return path
+
+
+# -- Hamamatsu NDPI ---------------------------------------------------------------------------------------------
+# NDPI is TIFF-like but not TIFF: the header and every IFD end in a 64-bit next-IFD offset, and each IFD is
+# followed by 4 bytes per entry holding the high halves of its values/offsets (all zero below 4 GiB). Each image is
+# one JPEG strip; restart markers every `rst` MCUs make it tiled (tiles one MCU row high), and tag 65426 records
+# where each restart interval starts so OpenSlide need not scan for them.
+NDPI_FORMAT_FLAG, NDPI_SOURCELENS, NDPI_XOFFSET, NDPI_YOFFSET, NDPI_FOCAL_PLANE = 65420, 65421, 65422, 65423, 65424
+NDPI_MCU_STARTS = 65426
+_TIFF_TYPES = {"ascii": (2, "s", 1), "short": (3, "H", 2), "long": (4, "I", 4), "rational": (5, "I", 4),
+               "slong": (9, "i", 4), "float": (11, "f", 4)}
+
+
+def _jpeg_with_restarts(img: np.ndarray, restart_mcus: int) -> bytes:
+    """4:2:2 baseline JPEG (16 x 8 px MCUs) with a restart marker every `restart_mcus` MCUs (0: none).
+
+    Not 4:2:0: OpenSlide 4.0's NDPI reader decodes a restart interval as one MCU row of tile height and fails
+    ("found marker 0xd9 instead of RST0") on 16 px high MCUs; 4:2:2 and 4:4:4 (8 px high MCUs) read fine."""
+    import cv2
+
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_RST_INTERVAL, restart_mcus,
+              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422]
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]), params)
+    assert ok
+    return buf.tobytes()
+
+
+def _restart_offsets(data: bytes) -> list[int]:
+    """Offsets (from the JPEG's start) where each restart interval's entropy-coded data begins."""
+    i = 2
+    while data[i + 1] != 0xDA:  # walk marker segments up to and including start-of-scan
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    starts, j = [i], i
+    while (j := data.find(b"\xff", j)) != -1 and j < len(data) - 2:
+        if 0xD0 <= data[j + 1] <= 0xD7:
+            starts.append(j + 2)
+        j += 2
+    return starts
+
+
+def _ndpi_entries(w: int, h: int, strip: tuple[int, int], lens: float, res_per_cm: float | None,
+                  mcu_starts: list[int] | None) -> list[tuple[int, str, list]]:
+    entries: list[tuple[int, str, list]] = [
+        (256, "long", [w]), (257, "long", [h]), (258, "short", [8, 8, 8]), (259, "short", [7]),
+        (262, "short", [6]), (271, "ascii", [b"Hamamatsu\0"]), (272, "ascii", [b"synthetic\0"]),
+        (273, "long", [strip[0]]), (277, "short", [3]), (278, "long", [h]), (279, "long", [strip[1]]),
+        (NDPI_FORMAT_FLAG, "long", [1]), (NDPI_SOURCELENS, "float", [lens]), (NDPI_XOFFSET, "slong", [0]),
+        (NDPI_YOFFSET, "slong", [0]), (NDPI_FOCAL_PLANE, "slong", [0]),
+    ]
+    if res_per_cm is not None:
+        num = round(res_per_cm * 1000)
+        entries += [(282, "rational", [num, 1000]), (283, "rational", [num, 1000]), (296, "short", [3])]
+    if mcu_starts:
+        entries.append((NDPI_MCU_STARTS, "long", mcu_starts))
+    return sorted(entries)
+
+
+def write_ndpi(src: SourcePixels, path: Path, *, tile: int = 256) -> Path:
+    """Write `src` as a Hamamatsu NDPI: one restart-marked JPEG strip per level, then the macro (lens -1).
+
+    Level widths must be multiples of 16 and heights of 8 (the 4:2:2 MCU); `tile` a multiple of 16."""
+    import struct
+
+    mpp = src.spec.mpp or 0.25
+    images = []
+    for img, d in zip(src.levels, src.spec.level_downsamples, strict=True):
+        h, w = img.shape[:2]
+        if w % 16 or h % 8:
+            raise ValueError(f"NDPI levels must be multiples of 16 x 8 px; level {w}x{h} is not")
+        mcus = w // 16
+        rst = min(tile // 16, mcus) if mcus % min(tile // 16, mcus) == 0 else mcus
+        images.append((img, float(src.objective_power), 1e4 / (mpp * d), rst))
+    images.append((src.macro, -1.0, None, 0))
+
+    out = bytearray(b"II*\x00" + b"\0" * 8)
+    next_ptr = 4  # where the (64-bit, little-endian) offset of the next IFD goes
+    for img, lens, res, rst in images:
+        data = _jpeg_with_restarts(img, rst)
+        strip_at = len(out)
+        out += data
+        starts = _restart_offsets(data) if rst else None
+        entries = _ndpi_entries(img.shape[1], img.shape[0], (strip_at, len(data)), lens, res,
+                                starts if starts and len(starts) > 1 else None)
+        # out-of-line values first (they precede their IFD, as OpenSlide's offset heuristics expect)
+        fields = []
+        for tag, kind, values in entries:
+            code, fmt, size = _TIFF_TYPES[kind]
+            if kind == "ascii":
+                payload, count = values[0], len(values[0])
+            else:
+                payload, count = struct.pack(f"<{len(values)}{fmt}", *values), len(values)
+                count = count // 2 if kind == "rational" else count
+            if len(payload) <= 4:
+                fields.append((tag, code, count, payload.ljust(4, b"\0")))
+            else:
+                out += b"\0" * (len(out) % 2)
+                fields.append((tag, code, count, struct.pack("<I", len(out))))
+                out += payload
+        out += b"\0" * (len(out) % 2)
+        ifd_at = len(out)
+        out[next_ptr:next_ptr + 4] = struct.pack("<I", ifd_at)
+        out += struct.pack("<H", len(fields))
+        for tag, code, count, value in fields:
+            out += struct.pack("<HHI", tag, code, count) + value
+        next_ptr = len(out)
+        out += b"\0" * 8  # next-IFD offset, 64-bit in NDPI
+        out += b"\0" * 4 * len(fields)  # high halves of each entry's value/offset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(out))
+    return path

@@ -1,10 +1,11 @@
-"""More formats OpenSlide 4 reads, written from a synthetic slide: a DICOM WSI series (a folder) and Philips TIFF.
+"""More formats OpenSlide 4 reads, written from a synthetic slide: a DICOM WSI series (a folder), Philips TIFF and
+Hamamatsu NDPI.
 
 Each written slide keeps the source's geometry, so the source pixels and its truth mask are the reference:
 metadata (vendor, levels, MPP, objective power, associated images), pixels within JPEG tolerance at every level,
 and stage 1 end to end (status ok, slide id, mask Dice vs the truth). The DICOM series is also opened with
 wsidicom, a reader independent of OpenSlide's libdicom, so the hand-built datasets are checked against the standard
-by a second implementation.
+by a second implementation, and the NDPI file with tifffile's NDPI reader.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from format_fixtures import SourcePixels, synthetic_source, write_dicom_wsi, write_philips_tiff
+from format_fixtures import SourcePixels, synthetic_source, write_dicom_wsi, write_ndpi, write_philips_tiff
 
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.slide import open_slide
@@ -206,3 +207,61 @@ def test_dicom_folder_with_a_non_wsi_instance_first(slides: dict[str, Path], tmp
     ds.save_as(folder / "0-report.dcm", enforce_file_format=True)
     with open_slide(folder) as slide:
         assert slide.info.vendor == "dicom"
+
+
+# -- Hamamatsu NDPI -----------------------------------------------------------------------------------------------
+# NDPI levels are single restart-marked JPEGs whose sizes must be whole MCUs, so this source is 4096 x 3072.
+NDPI_W, NDPI_H = 4096, 3072
+
+
+@pytest.fixture(scope="module")
+def ndpi(tmp_path_factory: pytest.TempPathFactory) -> tuple[SourcePixels, Path]:
+    root = tmp_path_factory.mktemp("ndpi")
+    src = synthetic_source(root / "source.svs", width=NDPI_W, height=NDPI_H, mpp=MPP, seed=5)
+    return src, write_ndpi(src, root / "ndpi_slide_01.ndpi")
+
+
+def test_ndpi_is_read_by_openslide_and_tifffile(ndpi: tuple[SourcePixels, Path]) -> None:
+    import tifffile
+
+    src, path = ndpi
+    assert openslide.OpenSlide.detect_format(str(path)) == "hamamatsu"
+    with tifffile.TiffFile(path) as tf:  # an independent NDPI reader: 64-bit IFD offsets, restart-marked strips
+        assert tf.is_ndpi
+        levels = tf.series[0].levels
+        assert [lv.shape[:2] for lv in levels] == [img.shape[:2] for img in src.levels]
+        assert _mean_abs(levels[0].asarray(), src.levels[0]) < JPEG_MEAN_ABS
+    with openslide.OpenSlide(str(path)) as osr:
+        assert osr.properties["hamamatsu.SourceLens"] == "20"
+        # restart intervals are the tiles: 16 MCUs of 16 x 8 px
+        assert (osr.properties["openslide.level[0].tile-width"], osr.properties["openslide.level[0].tile-height"]) \
+            == ("256", "8")
+
+
+def test_ndpi_through_open_slide_and_tile_slide(ndpi: tuple[SourcePixels, Path], tmp_path: Path) -> None:
+    src, path = ndpi
+    with open_slide(path) as slide:
+        info = slide.info
+        assert (info.backend, info.vendor) == ("openslide", "hamamatsu")
+        assert info.dimensions == (NDPI_W, NDPI_H)
+        assert (info.mpp, info.mpp_source, info.objective_power) == (pytest.approx(MPP), "metadata", 20)
+        assert info.associated_images == ("macro",)
+        # OpenSlide adds power-of-two levels decoded with JPEG DCT scaling between the stored ones
+        assert info.level_downsamples[:5] == (1.0, 2.0, 4.0, 8.0, 16.0)
+        stored = dict(zip(src.spec.level_downsamples, src.levels, strict=True))
+        for level, (d, (w, h)) in enumerate(zip(info.level_downsamples, info.level_dimensions, strict=True)):
+            base = max(s for s in stored if s <= d)
+            ref = cv2.resize(stored[base], (w, h), interpolation=cv2.INTER_AREA) if d != base else stored[base]
+            got = slide.read_region((0, 0), level, (w, h))
+            assert _mean_abs(got, ref) < (JPEG_MEAN_ABS if d == base else 2 * JPEG_MEAN_ABS), (level, d)
+        got = slide.read_region((1000, 2000), 0, (300, 200))
+        assert _mean_abs(got, src.levels[0][2000:2200, 1000:1300]) < JPEG_MEAN_ABS
+        assert _mean_abs(slide.associated_image("macro"), src.macro) < JPEG_MEAN_ABS
+    side = tile_slide(path, tmp_path / "res")
+    assert side["status"] == "ok", side.get("reason")
+    assert side["slide_id"] == "ndpi_slide_01" and side["slide"]["vendor"] == "hamamatsu"
+    mask = cv2.imread(str(tmp_path / "res" / "qc" / "ndpi_slide_01" / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    truth = src.spec.truth_mask(NDPI_W / mask.shape[1])[: mask.shape[0], : mask.shape[1]]
+    assert truth.any() and _dice(mask, truth) >= 0.95
+    # same tissue as the source SVS: the same tiles (up to JPEG noise at a border tile)
+    assert abs(side["n_tiles"] - tile_slide(src.spec.path, tmp_path / "src")["n_tiles"]) <= 2
