@@ -1,11 +1,12 @@
-"""Writers for slide formats the synthetic generator does not make: DICOM WSI series and Philips TIFF.
+"""Writers for slide formats the synthetic generator does not make: DICOM WSI series, Philips TIFF, Hamamatsu NDPI.
 
 Each writer takes the decoded pixels of a synthetic slide (`synthetic_source`), so the written slide has the same
 geometry and tissue as the source and the source's `SyntheticSpec.truth_mask` applies to it unchanged. Frames and
 tiles are re-encoded as JPEG baseline: reads match the source within JPEG tolerance, not bit for bit.
 
 The layouts follow the format descriptions OpenSlide documents (DICOM: PS3.3 VL Whole Slide Microscopy Image IOD,
-TILED_FULL; Philips: a tiled TIFF whose ImageDescription is a `DPUfsImport` XML document).
+TILED_FULL; Philips: a tiled TIFF whose ImageDescription is a `DPUfsImport` XML document; NDPI: restart-marked
+JPEG strips in a TIFF-like file with 64-bit IFD offsets).
 """
 
 from __future__ import annotations
