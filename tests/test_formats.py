@@ -190,8 +190,6 @@ def test_dicom_folder_without_volume_images_is_a_slide_error(slides: dict[str, P
         open_slide(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="slide._resolve_path hands OpenSlide the first .dcm by name even when it "
-                   "is not a WSI instance; fix: prefer files openslide.OpenSlide.detect_format() calls 'dicom'")
 def test_dicom_folder_with_a_non_wsi_instance_first(slides: dict[str, Path], tmp_path: Path) -> None:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -81,10 +81,21 @@ def _resolve_path(path: Path) -> Path:
         if not dcm:
             raise SlideError(f"{path}: is a directory but not a DICOM slide (no .dcm files inside); point 'path' at "
                              "a slide file, or at a folder holding one DICOM WSI series")
-        return dcm[0]
+        # A series folder may also hold non-image instances (reports, annotations): open a WSI instance.
+        wsi = [p for p in dcm if _is_dicom_wsi(p)]
+        return (wsi or dcm)[0]
     if path.stat().st_size == 0:
         raise SlideError(f"{path}: file is empty (0 bytes); the copy or download failed, copy the slide again")
     return path
+
+
+def _is_dicom_wsi(path: Path) -> bool:
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) == "dicom"  # reads the header only
+    except Exception:  # unreadable file: not a candidate
+        return False
 
 
 def _first_line(err: BaseException) -> str:
