@@ -1,0 +1,106 @@
+"""Stage 1 + report through a real SLURM cluster (tests/slurm_cluster.py) with the project's SLURM profile.
+
+Each tile job and the report are sbatch jobs that run `snakemake --executor slurm-jobstep` under srun in the
+cohort folder; the evidence that they went through SLURM is slurmctld's own record of each job (state, exit
+code, the plugin's rule comment, work dir, memory request) and the per-job logs the plugin writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture is used by name
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SNAKEMAKE = VENV_BIN / "snakemake"
+PROFILE = REPO / "workflows" / "profiles" / "slurm"
+
+# Test-only overrides on top of the profile. This cluster has no slurmdbd, so `sacct` cannot answer: status
+# comes from squeue (finished jobs stay listed for MinJobAge=600s, above the plugin's 3 x init-seconds floor).
+# A 1 s first check keeps the run short; successful jobs' logs are kept as evidence (the default deletes them).
+SLURM_ARGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+              "--slurm-keep-successful-logs", "--latency-wait", "5")
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+
+
+def _snakemake(cluster: SlurmCluster, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "cfg.yaml"),
+           "--profile", str(PROFILE), "--jobs", "2", *SLURM_ARGS, *args]
+    # the venv's bin first: the job's snakemake and the `run:` block must import wsi_pipeline from this venv
+    env = cluster.env(path_prepend=[VENV_BIN])
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _all_job_ids(cluster: SlurmCluster) -> list[str]:
+    out = cluster.run("squeue", "--states=all", "--noheader", "--format=%i").stdout
+    return out.split()
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+              cmu_slide: Path, broken_slide: Path) -> tuple[Path, str]:
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        pytest.fail("snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'", pytrace=False)
+    wd = tmp_path_factory.mktemp("slurm_cohort")
+    shutil.copy(cmu_slide, wd / "cmu.svs")
+    shutil.copy(broken_slide, wd / "broken.svs")
+    # relative paths: they must resolve inside the SLURM job, whose working directory is this folder
+    (wd / "samples.csv").write_text("slide_id,path\ncmu,cmu.svs\nbroken,broken.svs\n")
+    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n")
+    run = _snakemake(slurm_cluster, wd)
+    log = run.stdout + run.stderr
+    (wd / "first_run.log").write_text(log)
+    assert run.returncode == 0, log[-4000:] + "\n" + slurm_cluster.log_tail()
+    return wd, log
+
+
+def test_every_job_ran_as_a_slurm_job(slurm_run: tuple[Path, str], slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    wd, log = slurm_run
+    submitted = SUBMITTED.findall(log)
+    assert len(submitted) == 3, log[-3000:]  # tile x 2 + report; `all` is a local rule
+    comments = set()
+    for job_id, job_log in submitted:
+        info = slurm_cluster.job_info(job_id)
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+        assert info["Partition"] == "cpu" and info["NodeList"] == slurm_cluster.node
+        assert Path(info["WorkDir"]) == wd  # the plugin runs each job in the workflow's folder
+        assert info["MinMemoryNode"] == "4000M"  # the rule's mem_mb reached sbatch --mem
+        comments.add(info["Comment"])
+        # the plugin's per-job log: snakemake ran inside the allocation, as the jobstep executor
+        text = Path(job_log).read_text()
+        assert Path(job_log).parent.is_relative_to(wd / ".snakemake" / "slurm_logs")
+        assert "--executor slurm-jobstep" in text and "Finished jobid: 0" in text, text[-2000:]
+    assert comments == {"rule_tile_wildcards_cmu", "rule_tile_wildcards_broken", "rule_report"}
+    assert sorted(p.relative_to(wd / ".snakemake" / "slurm_logs").parts[:2]
+                  for p in (wd / ".snakemake" / "slurm_logs").rglob("*.log")) == [
+        ("rule_report", f"{submitted[-1][0]}.log"), ("rule_tile", "broken"), ("rule_tile", "cmu")]
+
+
+def test_report_has_good_slide_ok_and_bad_slide_failed(slurm_run: tuple[Path, str]) -> None:
+    wd, log = slurm_run
+    report = pd.read_csv(wd / "results" / "report.csv", keep_default_na=False).set_index("slide_id")
+    assert sorted(report.index) == ["broken", "cmu"]
+    assert report.loc["cmu", "status"] == "ok" and int(report.loc["cmu", "n_tiles"]) > 20
+    assert report.loc["broken", "status"] == "failed"
+    assert "not a readable slide" in report.loc["broken", "reason"]
+    assert (wd / "results" / "tiles" / "cmu.zarr").is_dir() and not (wd / "results" / "tiles" / "broken.zarr").exists()
+    assert (wd / "results" / "qc" / "cmu" / "thumbnail.png").stat().st_size > 0
+    assert "FAILED broken" in log  # the onsuccess failure summary, printed by the submitting snakemake
+
+
+def test_rerun_submits_nothing(slurm_run: tuple[Path, str], slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    wd, _ = slurm_run
+    before = _all_job_ids(slurm_cluster)
+    again = _snakemake(slurm_cluster, wd)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "Nothing to be done" in out and not SUBMITTED.search(out)
+    assert _all_job_ids(slurm_cluster) == before
