@@ -1,0 +1,217 @@
+"""Bags of instance features: per-slide Zarr stores (read lazily, optional byte-bounded cache) or an instance CSV.
+
+A `Bag` is one training sample: a patient (its slides pooled) or a slide, with its target. A `BagStore` turns a
+bag into a float32 (N, D) array on demand, so a cohort never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from ..errors import TrainingDataError
+from .config import TaskConfig
+
+
+@dataclass
+class Bag:
+    bag_id: str
+    slide_ids: list[str]
+    label: int | None = None
+    time: float | None = None
+    event: int | None = None
+    lengths: list[int] = field(default_factory=list)  # instances per slide, filled by the store
+    patient_id: str = ""  # the split group; defaults to bag_id
+
+    def __post_init__(self) -> None:
+        self.patient_id = self.patient_id or self.bag_id
+
+
+class BagStore(Protocol):
+    dim: int
+
+    def load(self, bag: Bag) -> np.ndarray: ...
+
+
+class ArrayStore:
+    """Bags already in memory (e.g. the classic MIL CSVs)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.dim = next(iter(arrays.values())).shape[1] if arrays else 0
+
+    def load(self, bag: Bag) -> np.ndarray:
+        return self.arrays[bag.bag_id]
+
+
+class ZarrStore:
+    """Per-slide Zarr feature stores `features_dir/{slide_id}.zarr`, read in chunks when a bag is needed.
+
+    Recently used bags are kept (as stored, e.g. float16) while they fit in `cache_bytes`.
+    """
+
+    def __init__(self, features_dir: str | Path, cache_bytes: int = 0) -> None:
+        self.root = Path(features_dir)
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self.dim = 0
+
+    def path(self, slide_id: str) -> Path:
+        return self.root / f"{slide_id}.zarr"
+
+    def open(self, slide_id: str):  # noqa: ANN201 - a zarr.Group
+        import zarr
+
+        return zarr.open_group(str(self.path(slide_id)), mode="r")
+
+    def check(self, bags: list[Bag]) -> None:
+        """Metadata-only checks before any training: every store exists, has features, one width for all."""
+        missing = [s for b in bags for s in b.slide_ids if not self.path(s).exists()]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise TrainingDataError(
+                f"{len(missing)} slide(s) in the label table have no feature store under {self.root}: {shown}; "
+                "run feature extraction for them or remove them from the sample sheet")
+        dims: dict[int, str] = {}
+        for bag in bags:
+            bag.lengths = []
+            for sid in bag.slide_ids:
+                try:
+                    arr = self.open(sid)["features"]
+                except Exception as exc:
+                    raise TrainingDataError(f"{self.path(sid)}: cannot read array 'features' ({exc}); "
+                                            "re-run feature extraction for this slide") from exc
+                if arr.ndim != 2 or arr.shape[0] == 0:
+                    raise TrainingDataError(f"{self.path(sid)}: empty bag (features shape {arr.shape}); "
+                                            "check its tissue mask/tile grid or drop the slide from the sheet")
+                dims.setdefault(int(arr.shape[1]), str(self.path(sid)))
+                bag.lengths.append(int(arr.shape[0]))
+        if len(dims) > 1:
+            raise TrainingDataError(f"feature stores differ in width {sorted(dims)} (e.g. {list(dims.values())}); "
+                                    "use features from a single encoder")
+        self.dim = next(iter(dims)) if dims else 0
+
+    def load(self, bag: Bag) -> np.ndarray:
+        if bag.bag_id in self._cache:
+            self._cache.move_to_end(bag.bag_id)
+            return self._cache[bag.bag_id].astype(np.float32)
+        parts = []
+        for sid in bag.slide_ids:
+            feats = np.asarray(self.open(sid)["features"][...])  # whole array, read chunk by chunk by zarr
+            if feats.shape[0] == 0:
+                raise TrainingDataError(f"{self.path(sid)}: empty bag; drop the slide from the sheet")
+            if not np.isfinite(feats).all():
+                raise TrainingDataError(f"{self.path(sid)}: features contain NaN or infinity; "
+                                        "re-run feature extraction for this slide")
+            parts.append(feats)
+        feats = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if self.cache_bytes and feats.nbytes <= self.cache_bytes:
+            self._cache[bag.bag_id] = feats
+            self._cached += feats.nbytes
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= old.nbytes
+        return feats.astype(np.float32)
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        return np.asarray(self.open(slide_id)["coords"][...])
+
+
+def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, list[str] | None]:
+    """Read and validate the sample sheet for one task; rows without a target for this task are dropped.
+
+    Returns the table with a `_target`/`_time`/`_event` column and the class names (classification).
+    """
+    path = Path(sheet_csv)
+    try:
+        df = pd.read_csv(path, dtype={task.slide_col: str})
+    except Exception as exc:
+        raise TrainingDataError(f"{path}: cannot read the sample sheet ({exc}); give a CSV with a header") from exc
+    need = [task.slide_col] + [c for c in (task.label, task.time, task.event, task.patient_col) if c]
+    absent = [c for c in need if c not in df.columns]
+    if absent:
+        raise TrainingDataError(f"{path}: column(s) {absent} missing for task {task.name!r}; "
+                                f"the sheet has {list(df.columns)}")
+    if task.patient_col is None:
+        df["_patient"] = df[task.slide_col].astype(str)
+    else:
+        df["_patient"] = df[task.patient_col].fillna(df[task.slide_col]).astype(str)
+    df[task.slide_col] = df[task.slide_col].astype(str)
+    if task.type == "classification":
+        df = df[df[task.label].notna()].copy()
+        values = df[task.label].astype(str)
+        classes = list(task.classes) if task.classes else sorted(values.unique())
+        unknown = sorted(set(values) - set(classes))
+        if unknown:
+            raise TrainingDataError(f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
+                                    "fix the sheet or the task's `classes`")
+        df["_target"] = values.map({c: i for i, c in enumerate(classes)}).astype(int)
+        return df, classes
+    df = df[df[task.time].notna() & df[task.event].notna()].copy()
+    times = pd.to_numeric(df[task.time], errors="coerce")
+    bad_t = df.loc[~(times > 0), task.slide_col].tolist()
+    if bad_t:
+        raise TrainingDataError(f"{path}: survival time must be > 0 for task {task.name!r}; "
+                                f"bad rows (slide ids): {bad_t[:20]}")
+    events = pd.to_numeric(df[task.event], errors="coerce")
+    bad_e = df.loc[~events.isin([0, 1]), task.slide_col].tolist()
+    if bad_e:
+        raise TrainingDataError(f"{path}: event must be 0 (censored) or 1 (observed) for task {task.name!r}; "
+                                f"bad rows (slide ids): {bad_e[:20]}")
+    df["_time"], df["_event"] = times.astype(float), events.astype(int)
+    return df, None
+
+
+def bags_from_sheet(df: pd.DataFrame, task: TaskConfig) -> list[Bag]:
+    """One bag per patient (its slides pooled) or per slide; a patient's target must agree across slides."""
+    bags = []
+    for pid, rows in df.groupby("_patient", sort=True):
+        if task.type == "classification":
+            if rows["_target"].nunique() > 1:
+                raise TrainingDataError(f"patient {pid} has slides with different labels for task {task.name!r}; "
+                                        "fix the sample sheet (a patient's slides share one label)")
+            target = {"label": int(rows["_target"].iloc[0])}
+        else:
+            if rows["_time"].nunique() > 1 or rows["_event"].nunique() > 1:
+                raise TrainingDataError(f"patient {pid} has slides with different survival data for task "
+                                        f"{task.name!r}; make them agree in the sample sheet")
+            target = {"time": float(rows["_time"].iloc[0]), "event": int(rows["_event"].iloc[0])}
+        slides = rows[task.slide_col].tolist()
+        if task.pool_slides:
+            bags.append(Bag(str(pid), slides, patient_id=str(pid), **target))
+        else:
+            bags += [Bag(s, [s], patient_id=str(pid), **target) for s in slides]
+    return bags
+
+
+def load_instance_csv(csv_path: str | Path) -> tuple[list[Bag], ArrayStore]:
+    """Generic bags from a CSV of instances `label,bag_id,f1,...,fn` (no header), as the classic MIL sets."""
+    path = Path(csv_path)
+    try:
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except Exception as exc:
+        raise TrainingDataError(f"{path}: cannot parse as numeric CSV label,bag_id,features... ({exc})") from exc
+    if raw.shape[1] < 3:
+        raise TrainingDataError(f"{path}: needs at least 3 columns (label, bag_id, features)")
+    feats = raw[:, 2:].astype(np.float32)
+    if not np.isfinite(feats).all():
+        raise TrainingDataError(f"{path}: features contain NaN or infinity; clean the file")
+    bag_ids = raw[:, 1]
+    bags, arrays = [], {}
+    _, first = np.unique(bag_ids, return_index=True)
+    for b in bag_ids[np.sort(first)]:  # file order
+        rows = bag_ids == b
+        labels = np.unique(raw[rows, 0])
+        if len(labels) != 1:
+            raise TrainingDataError(f"{path}: bag {b:g} has instances with different labels {labels.tolist()}")
+        key = f"{b:g}" if math.isfinite(b) else str(b)
+        arrays[key] = feats[rows]
+        bags.append(Bag(key, [key], label=int(labels[0]), lengths=[int(rows.sum())]))
+    return bags, ArrayStore(arrays)

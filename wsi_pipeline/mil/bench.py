@@ -1,0 +1,134 @@
+"""Classic-MIL benchmark (Ilse et al. 2018 protocol): 10-fold CV repeated 5 times, bag accuracy, mean +- SE.
+
+Inside each outer training fold: features are standardised with that fold's statistics, and a small grid
+(learning rate x weight decay x hidden size) is scored by inner 5-fold cross-validation on the training bags only;
+the configuration and epoch with the lowest out-of-fold validation loss win, and the test bags are predicted by
+the mean probability of that configuration's inner-fold models (cross-validation bagging). The test fold is never
+seen before its prediction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from ..errors import TrainingDataError
+from .bags import load_instance_csv
+from .metrics import mean_se
+from .stacked import StackedMIL, train_stacked
+
+POOLS = {"abmil-gated": "gated", "abmil": "plain", "mean": "mean", "max": "max"}
+DEFAULT_GRID: dict[str, list[float]] = {"lr": [5e-4, 2e-3], "weight_decay": [1e-4, 1e-2], "hidden": [64, 128]}
+
+
+def machine_info() -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": "cpu"}
+
+
+def _bce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0, logits) - y * logits  # numerically stable BCE with logits
+
+
+def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray, pool: str,
+               grid: list[dict[str, float]], inner_folds: int, epochs: int, batch_size: int,
+               max_instances: int | None, attn_dim: int, dropout: float, seed: int,
+               criterion: str = "loss") -> dict[str, Any]:
+    """One outer fold: inner-CV model selection on `train`, predictions for `test`."""
+    inst = np.concatenate([bags[i] for i in train]).astype(np.float64)
+    mean, std = inst.mean(0), inst.std(0)
+    std[std < 1e-8] = 1.0
+    z = [((b - mean) / std).astype(np.float32) for b in bags]
+    inner = list(StratifiedKFold(inner_folds, shuffle=True, random_state=seed).split(train, y[train]))
+    members = [(g, k) for g in range(len(grid)) for k in range(inner_folds)]
+    train_mask = np.zeros((len(members), len(bags)), dtype=bool)
+    val_mask = np.zeros_like(train_mask)
+    for m, (_, k) in enumerate(members):
+        train_mask[m, train[inner[k][0]]] = True
+        val_mask[m, train[inner[k][1]]] = True
+    model = StackedMIL(len(members), z[0].shape[1], [int(grid[g]["hidden"]) for g, _ in members], attn_dim,
+                       pool, [dropout] * len(members), seed)
+    lr = np.array([grid[g]["lr"] for g, _ in members])
+    wd = np.array([grid[g]["weight_decay"] for g, _ in members])
+    logits = train_stacked(model, z, y, train_mask, lr, wd, epochs, batch_size, max_instances, seed)  # E,M,B
+    # out-of-fold validation loss per (config, epoch): every training bag is validated once per config
+    val_loss = (_bce(logits, y[None, None]) * val_mask[None]).sum(2)  # E,M
+    per_cfg = val_loss.reshape(epochs, len(grid), inner_folds).sum(2) / len(train)  # E,G
+    score = per_cfg
+    if criterion == "accuracy":  # out-of-fold error, the loss only breaks ties
+        wrong = (((logits > 0) != y[None, None]) * val_mask[None]).sum(2)
+        score = wrong.reshape(epochs, len(grid), inner_folds).sum(2) / len(train) + 1e-3 * per_cfg
+    e_best, g_best = np.unravel_index(np.argmin(score), score.shape)
+    rows = [m for m, (g, _) in enumerate(members) if g == g_best]
+    prob = (1 / (1 + np.exp(-logits[e_best][rows][:, test]))).mean(0)
+    pred = (prob > 0.5).astype(int)
+    return {"accuracy": float((pred == y[test]).mean()), "config": grid[g_best], "epoch": int(e_best) + 1,
+            "val_loss": float(per_cfg[e_best, g_best]), "prob": prob}
+
+
+def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
+              grid: dict[str, list[float]] | None = None, inner_folds: int = 5, epochs: int = 40,
+              batch_size: int = 8, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
+              threads: int | None = None, out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the protocol on a `label,bag_id,features...` CSV; print and return a summary dict.
+
+    The last printed line is one JSON object with at least `accuracy_mean` and `accuracy_se` (SE over the
+    folds x repeats fold accuracies; `accuracy_se_repeats` is the SE over the repeat means).
+    """
+    if model not in POOLS:
+        raise TrainingDataError(f"bench_mil supports models {sorted(POOLS)}, not {model!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    bag_list, store = load_instance_csv(csv_path)
+    bags = [store.load(b) for b in bag_list]
+    y = np.array([b.label for b in bag_list])
+    if set(np.unique(y)) - {0, 1}:
+        raise TrainingDataError(f"{csv_path}: bench_mil needs binary bag labels 0/1, got {np.unique(y).tolist()}")
+    grid = grid or DEFAULT_GRID
+    configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    fold_acc, repeat_acc, chosen = [], [], []
+    for r in range(repeats):
+        outer = StratifiedKFold(folds, shuffle=True, random_state=seed + r)
+        correct = 0
+        for k, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
+            res = outer_fold(bags, y, train, test, POOLS[model], configs, inner_folds, epochs, batch_size,
+                             max_instances, attn_dim, dropout, seed=seed + 1000 * r + k)
+            fold_acc.append(res["accuracy"])
+            correct += res["accuracy"] * len(test)
+            chosen.append({"repeat": r, "fold": k, **res["config"], "epoch": res["epoch"]})
+        repeat_acc.append(correct / len(y))
+        if not quiet:
+            print(f"{Path(csv_path).stem} repeat {r + 1}/{repeats}: accuracy {repeat_acc[-1]:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    acc_mean, acc_se = mean_se(fold_acc)
+    _, rep_se = mean_se(repeat_acc)
+    summary = {
+        "dataset": Path(csv_path).stem, "model": model, "protocol": f"{folds}-fold CV x {repeats} repeats",
+        "bags": len(bags), "instances": int(sum(len(b) for b in bags)), "features": int(bags[0].shape[1]),
+        "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se,
+        "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
+        "selection": {"grid": grid, "inner_folds": inner_folds, "max_epochs": epochs, "batch_size": batch_size,
+                      "max_instances_train": max_instances, "attn_dim": attn_dim, "dropout": dropout,
+                      "chosen": chosen},
+        "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
+    }
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(summary, indent=1))
+    short = {k: summary[k] for k in ("dataset", "model", "accuracy_mean", "accuracy_se", "accuracy_se_repeats",
+                                     "seconds")}
+    print(json.dumps(short if not math.isnan(acc_mean) else summary))
+    return summary

@@ -1,0 +1,94 @@
+"""Task and training settings for stage 3 (MIL). Plain pydantic models so a YAML/JSON config maps onto them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import ConfigError
+
+ModelName = Literal["abmil", "abmil-gated", "transmil", "mean", "max"]
+
+
+class TaskConfig(BaseModel):
+    """One prediction task on a cohort: which sample-sheet columns hold the target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    type: Literal["classification", "survival"] = "classification"
+    label: str | None = None  # classification: column with the class (name or integer code)
+    time: str | None = None  # survival: follow-up time (> 0)
+    event: str | None = None  # survival: 1 = event observed, 0 = censored
+    classes: list[str] | None = None  # class names, in output order; inferred (sorted) when omitted
+    slide_col: str = "slide_id"
+    patient_col: str | None = "patient_id"  # None: every slide is its own patient
+    pool_slides: bool = True  # one bag per patient (slides pooled); False: one bag per slide, split by patient
+
+    @model_validator(mode="after")
+    def _columns_for_type(self) -> TaskConfig:
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"task name {self.name!r} must be alphanumeric (with - or _): it names folders")
+        if self.type == "classification" and not self.label:
+            raise ValueError(f"task {self.name!r}: a classification task needs `label` (a sample-sheet column)")
+        if self.type == "survival" and not (self.time and self.event):
+            raise ValueError(f"task {self.name!r}: a survival task needs `time` and `event` columns")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """How to train: model, optimiser, schedule, cross-validation and bag sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName = "abmil-gated"
+    hidden_dim: int = Field(128, ge=1)
+    attn_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    encoder_layers: int = Field(1, ge=1)  # fc+ReLU layers applied to each instance before pooling
+    n_layers: int = Field(2, ge=1)  # transmil only
+    n_heads: int = Field(4, ge=1)  # transmil only
+    ppeg: bool = False  # transmil only: positional conv over the square-padded token grid
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(50, ge=1)
+    patience: int = Field(10, ge=1)  # early stopping on the validation metric
+    min_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1)  # bags per step; survival with the Cox loss needs > 1
+    max_instances: int | None = Field(8192, ge=1)  # bag sampling during training (None = all tiles)
+    instance_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of tiles dropped per training bag
+    class_weights: bool = True  # inverse-frequency weights for imbalanced classes
+    survival_loss: Literal["nll", "cox"] = "nll"
+    n_bins: int = Field(4, ge=2)  # discrete-time NLL: bins from quantiles of observed event times
+    nll_alpha: float = Field(0.0, ge=0.0, le=1.0)  # weight of the uncensored-only term (Chen et al.)
+    folds: int = Field(5, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0])  # repeats of the k-fold split
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)  # of each training fold, for early stopping
+    seed: int = 0  # model initialisation and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on GPU only
+    standardize: bool = False  # z-score features with training-fold statistics
+    cache_bytes: int = Field(2 * 1024**3, ge=0)  # in-memory bag cache; 0 disables
+    num_threads: int | None = None
+    quiet: bool = False
+    bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals in the summary
+
+
+def as_task(cfg: TaskConfig | dict[str, Any]) -> TaskConfig:
+    return _coerce(TaskConfig, cfg, "task")
+
+
+def as_train(cfg: TrainConfig | dict[str, Any] | None) -> TrainConfig:
+    return _coerce(TrainConfig, cfg or {}, "training")
+
+
+def _coerce(cls: type[BaseModel], cfg: Any, what: str) -> Any:
+    if isinstance(cfg, cls):
+        return cfg
+    try:
+        return cls.model_validate(cfg)
+    except Exception as exc:  # pydantic's message is multi-line; keep the first useful part
+        first = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
+        raise ConfigError(f"invalid {what} config: {detail}; fix the {what} section of the config") from exc

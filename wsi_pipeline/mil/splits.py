@@ -1,0 +1,80 @@
+"""Patient-level cross-validation splits, repeated over seeds, with a validation split inside each training fold.
+
+Splits are written to JSON once and reused: a later run (or another fold's job) must see the same partition, so a
+file made for a different cohort or different settings is an error rather than silently replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from ..errors import TrainingDataError
+
+
+def _fingerprint(ids: list[str], groups: list[str], strata: list[int]) -> str:
+    payload = json.dumps(sorted(zip(ids, groups, strata, strict=True)))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def make_splits(ids: list[str], groups: list[str], strata: list[int], folds: int, seeds: list[int],
+                val_fraction: float = 0.15, survival: bool = False) -> dict[str, Any]:
+    """K-fold over groups (patients), stratified by `strata` (class, or event for survival), per seed.
+
+    Every entry holds bag ids for train / val / test; a group never straddles two of them.
+    """
+    ids_a, groups_a, strata_a = np.asarray(ids), np.asarray(groups), np.asarray(strata)
+    per_group = {g: s for g, s in zip(groups, strata, strict=True)}
+    values, counts = np.unique(list(per_group.values()), return_counts=True)
+    if not survival:
+        small = {int(v): int(c) for v, c in zip(values, counts, strict=True) if c < folds}
+        if small:
+            raise TrainingDataError(f"class(es) {small} (class index: patients) have fewer patients than the "
+                                    f"{folds} folds; lower `folds` or add patients")
+    if len(per_group) < folds:
+        raise TrainingDataError(f"{len(per_group)} patients cannot be split into {folds} folds; lower `folds`")
+    n_val = max(2, round(1 / val_fraction))
+    entries = []
+    with warnings.catch_warnings():  # sklearn warns when a class is smaller than n_splits; handled above
+        warnings.simplefilter("ignore", UserWarning)
+        for seed in seeds:
+            outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            for k, (train, test) in enumerate(outer.split(ids_a, strata_a, groups_a)):
+                inner = StratifiedGroupKFold(n_splits=min(n_val, len(set(groups_a[train]))), shuffle=True,
+                                             random_state=seed + 1000 * (k + 1))
+                fit, val = next(inner.split(train, strata_a[train], groups_a[train]))
+                entries.append({"index": len(entries), "seed": int(seed), "fold": k,
+                                "train": ids_a[train[fit]].tolist(), "val": ids_a[train[val]].tolist(),
+                                "test": ids_a[test].tolist()})
+    return {"folds": folds, "seeds": list(map(int, seeds)), "val_fraction": val_fraction,
+            "fingerprint": _fingerprint(list(ids), list(groups), list(map(int, strata))), "splits": entries}
+
+
+def load_or_make_splits(path: str | Path, ids: list[str], groups: list[str], strata: list[int], folds: int,
+                        seeds: list[int], val_fraction: float = 0.15, survival: bool = False) -> dict[str, Any]:
+    """Reuse `path` when it was made for the same bags, labels and settings; otherwise create and write it."""
+    path = Path(path)
+    fingerprint = _fingerprint(list(ids), list(groups), list(map(int, strata)))
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise TrainingDataError(f"{path}: splits file is not valid JSON; delete it to re-create it") from exc
+        same = (saved.get("fingerprint") == fingerprint and saved.get("folds") == folds
+                and saved.get("seeds") == list(map(int, seeds)) and saved.get("val_fraction") == val_fraction)
+        if not same:
+            raise TrainingDataError(f"{path}: existing splits were made for other patients, labels or settings; "
+                                    "delete the file (and the folds trained on it) or use another output folder")
+        return saved
+    splits = make_splits(ids, groups, strata, folds, seeds, val_fraction, survival)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(splits, indent=1))
+    tmp.replace(path)  # atomic: parallel fold jobs never read a half-written file
+    return splits
