@@ -1,0 +1,267 @@
+"""Per-slide feature stores: layout, a streaming writer, validity checks, the lazy cohort opener and HDF5 export.
+
+`RESULTS/features/{encoder}/{slide_id}.zarr` is a Zarr v3 group with `features` (N x D, float16 by default) and
+`coords` (N x 2 int64, level 0, in tile-table order). Both arrays are sharded: chunks of many rows packed into a
+few shard files per slide. The writer buffers exactly one shard of rows and writes each shard once when it fills,
+so host memory does not grow with the slide and no shard file is rewritten (a partial-shard write in Zarr is a
+read-modify-write of the whole shard).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import FeatureError
+
+FEATURE_DTYPES = ("float16", "float32")
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast row-block reads, never one-row chunks
+SHARD_BYTES = 32 << 20  # ~32 MiB shards: a 100k-tile ConceptCLIP slide is ~7 files, and the writer's buffer
+MIN_CHUNK_ROWS = 16
+
+
+def feature_dir(results: str | os.PathLike[str], encoder: str) -> Path:
+    return Path(results) / "features" / encoder
+
+
+def feature_store_path(results: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
+    return feature_dir(results, encoder) / f"{slide_id}.zarr"
+
+
+def feature_sidecar_path(results: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
+    return feature_dir(results, encoder) / f"{slide_id}.json"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Rows per chunk and per shard (a multiple of the chunk) of a feature store."""
+
+    chunk_rows: int
+    shard_rows: int
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1 or self.shard_rows < self.chunk_rows or self.shard_rows % self.chunk_rows:
+            raise ValueError(f"shard_rows={self.shard_rows} must be a positive multiple of chunk_rows="
+                             f"{self.chunk_rows}")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def plan_layout(n_rows: int, embed_dim: int, dtype: str = "float16", chunk_bytes: int = CHUNK_BYTES,
+                shard_bytes: int = SHARD_BYTES) -> StoreLayout:
+    """A layout depending only on (rows, width, dtype), so every writer of a slide lays it out identically."""
+    row_bytes = max(1, embed_dim) * np.dtype(dtype).itemsize
+    chunk = max(MIN_CHUNK_ROWS, _pow2_floor(chunk_bytes // row_bytes))
+    per_shard = max(1, _pow2_floor(shard_bytes // (chunk * row_bytes)))
+    # Small slides: one chunk (rounded up to a multiple of 16 rows) and one shard.
+    chunk = min(chunk, max(MIN_CHUNK_ROWS, -(-n_rows // MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS))
+    shard = min(chunk * per_shard, max(chunk, -(-n_rows // chunk) * chunk))
+    return StoreLayout(chunk, shard)
+
+
+def create_feature_arrays(group: zarr.Group, n_rows: int, embed_dim: int, dtype: str,
+                          layout: StoreLayout) -> tuple[zarr.Array, zarr.Array]:
+    """`features` (n_rows x embed_dim) and `coords` (n_rows x 2) in `group`, sharded by `layout`."""
+    if dtype not in FEATURE_DTYPES:
+        raise FeatureError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
+    c, s = layout.chunk_rows, layout.shard_rows
+    feats = group.create_array("features", shape=(n_rows, embed_dim), dtype=dtype, chunks=(c, embed_dim),
+                               shards=(s, embed_dim), fill_value=0)
+    coords = group.create_array("coords", shape=(n_rows, 2), dtype="int64", chunks=(c, 2), shards=(s, 2),
+                                fill_value=0)
+    return feats, coords
+
+
+class ShardWriter:
+    """Stream rows, in order, into `array[start:stop]`, one whole shard per write.
+
+    `start` must sit on a shard boundary; at most `shard_rows` rows are ever held (see `peak_rows`)."""
+
+    def __init__(self, array: zarr.Array, start: int = 0, stop: int | None = None) -> None:
+        self.array = array
+        self.shard_rows = int((array.shards or array.chunks)[0])
+        self.start = int(start)
+        self.stop = int(array.shape[0] if stop is None else stop)
+        if self.start % self.shard_rows:
+            raise ValueError(f"writer start {start} is not on a shard boundary ({self.shard_rows} rows)")
+        self._buf = np.empty((min(self.shard_rows, max(self.stop - self.start, 0)), *array.shape[1:]),
+                             dtype=array.dtype)
+        self._fill = 0
+        self.written = 0  # rows already in the array
+        self.peak_rows = 0
+        self.flushes = 0
+
+    @property
+    def position(self) -> int:
+        return self.start + self.written + self._fill
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if self.position + len(rows) > self.stop:
+            raise ValueError(f"{len(rows)} rows overflow the writer's range [{self.start}, {self.stop})")
+        i = 0
+        while i < len(rows):
+            take = min(len(rows) - i, len(self._buf) - self._fill)
+            self._buf[self._fill:self._fill + take] = rows[i:i + take]  # casts to the store dtype
+            self._fill += take
+            i += take
+            self.peak_rows = max(self.peak_rows, self._fill)
+            if self._fill == len(self._buf) or self.position == self.stop:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        at = self.start + self.written
+        self.array[at:at + self._fill] = self._buf[:self._fill]
+        self.written += self._fill
+        self._fill = 0
+        self.flushes += 1
+
+    def close(self) -> None:
+        self._flush()
+        if self.start + self.written != self.stop:
+            raise FeatureError(f"{self.array.store}: wrote {self.written} of {self.stop - self.start} rows")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (created if needed); yields False if `blocking=False` and it is held.
+
+    The kernel releases it when the holder dies, even on SIGKILL, so a killed run never blocks the next."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def tiles_signature(tile_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a tile table: a feature store made from another one is stale."""
+    return {k: tile_attrs.get(k) for k in ("created", "n_tiles", "slide_path", "tile_px", "target_mpp",
+                                           "read_level", "read_size", "tile_size_level0")}
+
+
+def is_complete_store(path: Path, expect: Mapping[str, Any] | None = None) -> bool:
+    """True when `path` is a finished feature store whose attrs match `expect` (encoder config, dtype, tiles)."""
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        attrs = dict(g.attrs)
+        n = g["features"].shape[0]
+        ok = bool(attrs.get("complete")) and n == g["coords"].shape[0] == attrs.get("n_tiles")
+    except Exception:  # unreadable metadata: not a usable store
+        return False
+    return ok and all(attrs.get(k) == v for k, v in (expect or {}).items())
+
+
+class FeatureCohort(Mapping[str, zarr.Array]):
+    """Lazy per-slide bags of one encoder's features: `bag(id)` (Zarr array), `dask(id)`, `coords(id)`, `attrs`.
+
+    Only complete stores are listed; nothing is read until a bag is indexed."""
+
+    def __init__(self, results: str | os.PathLike[str], encoder: str, slide_ids: list[str] | None = None) -> None:
+        self.root = feature_dir(results, encoder)
+        self.encoder = encoder
+        if slide_ids is None:
+            found = sorted(self.root.glob("*.zarr")) if self.root.is_dir() else []
+            slide_ids = [p.name[:-len(".zarr")] for p in found if is_complete_store(p)]
+        else:
+            missing = [s for s in slide_ids if not is_complete_store(self.path(s))]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise FeatureError(f"{self.root}: no complete feature store for {len(missing)} slide(s) ({shown}); "
+                                   "run `wsi-pipeline encode` for them or drop them from the sample sheet")
+        self.slide_ids = list(slide_ids)
+        self._groups: dict[str, zarr.Group] = {}
+
+    def path(self, slide_id: str) -> Path:
+        return self.root / f"{slide_id}.zarr"
+
+    def group(self, slide_id: str) -> zarr.Group:
+        if slide_id not in self._groups:
+            if slide_id not in self.slide_ids:
+                raise KeyError(slide_id)
+            self._groups[slide_id] = zarr.open_group(str(self.path(slide_id)), mode="r")
+        return self._groups[slide_id]
+
+    def bag(self, slide_id: str) -> zarr.Array:
+        return self.group(slide_id)["features"]  # type: ignore[return-value]
+
+    def dask(self, slide_id: str) -> Any:
+        import dask.array as da
+
+        arr = self.bag(slide_id)
+        return da.from_zarr(arr, chunks=(arr.shards or arr.chunks)[0:1] + arr.shape[1:])
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        return np.asarray(self.group(slide_id)["coords"][...])
+
+    @property
+    def attrs(self) -> dict[str, dict[str, Any]]:
+        return {sid: dict(self.group(sid).attrs) for sid in self.slide_ids}
+
+    @property
+    def embed_dim(self) -> int | None:
+        return int(self.bag(self.slide_ids[0]).shape[1]) if self.slide_ids else None
+
+    def __getitem__(self, slide_id: str) -> zarr.Array:
+        return self.bag(slide_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slide_ids)
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+
+def open_cohort(results: str | os.PathLike[str], encoder: str, slide_ids: list[str] | None = None) -> FeatureCohort:
+    """The complete feature stores of `encoder` under `results` (or exactly `slide_ids`, else FeatureError)."""
+    return FeatureCohort(results, encoder, slide_ids)
+
+
+def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
+    """CLAM/TRIDENT-style HDF5 (`features` + `coords` with their attributes) from a feature store."""
+    from .export import export_h5
+
+    store = Path(feature_store)
+    if not is_complete_store(store):
+        raise FeatureError(f"{store}: not a complete feature store; run `wsi-pipeline encode` first")
+    g = zarr.open_group(str(store), mode="r")
+    attrs = dict(g.attrs)
+    tile_store = (store.parent / attrs["tile_store_rel"]).resolve()
+    if not (tile_store / "zarr.json").is_file():
+        tile_store = Path(attrs["tile_store"])
+    coords = np.asarray(g["coords"][...])
+    from .store import read_tile_table
+
+    if not np.array_equal(read_tile_table(tile_store).coords, coords):
+        raise FeatureError(f"{store}: coords differ from the tile table {tile_store}; re-encode the slide")
+    extra = {"encoder": attrs.get("encoder", ""), "dtype": attrs.get("dtype", ""),
+             "weights_sha256": attrs.get("weights_sha256") or "", "revision": attrs.get("revision") or "",
+             "package_version": attrs.get("package_version", "")}
+    return export_h5(tile_store, out_path, features=np.asarray(g["features"][...]), extra_attrs=extra)

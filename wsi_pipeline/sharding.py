@@ -1,0 +1,378 @@
+"""Spreading encode work over devices: greedy LPT bin-packing by tile count, splitting a huge slide into row
+ranges (per-part stores merged into the final store), one process per device, and picking a free GPU.
+
+`encode_slides` runs one process per device (spawned; in-process for one device) that builds the encoder once and
+works through its bin. A split slide's parts are written as complete stores under `{slide_id}.parts/` (atomic,
+each under its own lock, reused by a rerun: resumable) and merged, under the slide lock, by the parent.
+
+Snakemake's `--resources gpu=N` only counts GPUs; it never says which one a job may use. `acquire_gpu` takes an
+exclusive `fcntl.flock` on `RESULTS/.gpu_locks/{i}.lock` for the job's lifetime (the kernel drops it when the
+process dies, even on SIGKILL, so a crashed job never strands a device).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import queue as queue_mod
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .encode_stage import (
+    STATUS_FAILED,
+    STATUS_OK,
+    EncodeOptions,
+    EncoderHandle,
+    _encode_whole,
+    _expect,
+    _finish,
+    _Outputs,
+    _sidecar_base,
+    _Skip,
+    _write_store,
+    load_tile_table,
+    resolve_device,
+)
+from .encoders import EncoderConfig
+from .errors import FeatureError, PipelineError
+from .features import ShardWriter, StoreLayout, create_feature_arrays, file_lock, is_complete_store, plan_layout
+from .store import TileTable, atomic_group, remove_stale_temporaries, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Rows [start, stop) of one slide's tile table; `part` when the slide is split over several devices."""
+
+    slide_id: str
+    start: int
+    stop: int
+    n_tiles: int
+    part: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def lpt_assign(weights: list[float], n_bins: int) -> list[int]:
+    """Greedy longest-processing-time: heaviest first, each to the least-loaded bin (ties: lowest index).
+
+    Makespan <= (4/3 - 1/(3 n_bins)) x optimal (Graham 1969)."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    heap = [(0.0, b) for b in range(n_bins)]
+    out = [0] * len(weights)
+    for i in order:
+        load, b = heapq.heappop(heap)
+        out[i] = b
+        heapq.heappush(heap, (load + weights[i], b))
+    return out
+
+
+def split_rows(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """`parts` contiguous ranges covering [0, n), inner boundaries on multiples of `align`, empty ones dropped."""
+    align = max(1, align)
+    cuts = [0] + [min(n, round(n * k / parts / align) * align) for k in range(1, parts)] + [n]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def plan_shards(tile_counts: Mapping[str, int], n_devices: int, *, split_threshold: int | None = None,
+                align: int = 1) -> list[list[Task]]:
+    """Per-device task lists. A slide with more tiles than `split_threshold` (default: the fair share
+    total / n_devices) is cut into up to `n_devices` row ranges aligned to `align` rows (use the batch size,
+    so batches are the same as unsplit)."""
+    total = sum(tile_counts.values())
+    threshold = split_threshold if split_threshold is not None else math.ceil(total / max(n_devices, 1))
+    tasks: list[Task] = []
+    for sid in sorted(tile_counts):
+        n = int(tile_counts[sid])
+        parts = min(n_devices, math.ceil(n / max(threshold, 1))) if n_devices > 1 and n > threshold else 1
+        ranges = split_rows(n, parts, align) if parts > 1 else [(0, n)]
+        tasks += [Task(sid, a, b, n, part=len(ranges) > 1) for a, b in ranges]
+    # Zero-tile slides still cost a little (an empty store): weigh them as one tile.
+    bins = lpt_assign([max(t.rows, 1) for t in tasks], n_devices)
+    plan: list[list[Task]] = [[] for _ in range(n_devices)]
+    for task, b in zip(tasks, bins, strict=True):
+        plan[b].append(task)
+    for lst in plan:  # biggest first on each device: stragglers finish early
+        lst.sort(key=lambda t: (-t.rows, t.slide_id, t.start))
+    return plan
+
+
+def visible_gpus() -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries when set by the caller/cluster, else None."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None or value.strip() == "":
+        return None
+    return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "-1"]
+
+
+@contextmanager
+def acquire_gpu(results: str | os.PathLike[str], n_gpus: int | None = None, *, poll_s: float = 0.2,
+                timeout_s: float | None = None) -> Iterator[int]:
+    """Yield a CUDA device index no other holder has, for as long as the `with` block runs.
+
+    When CUDA_VISIBLE_DEVICES names exactly one device (a cluster executor assigned it), yield 0 without
+    locking. Otherwise lock one of `n_gpus` ids (default: the visible/installed count) under
+    `results/.gpu_locks`; wait for one to free up if all are held."""
+    visible = visible_gpus()
+    if visible is not None and len(visible) == 1:
+        yield 0
+        return
+    if n_gpus is None:
+        if visible is not None:
+            n_gpus = len(visible)
+        else:
+            import torch
+
+            n_gpus = torch.cuda.device_count()
+    if n_gpus < 1:
+        raise PipelineError("acquire_gpu: no GPU available (CUDA_VISIBLE_DEVICES empty or no CUDA device); "
+                            "run on a GPU node or set encode.device: cpu")
+    lock_dir = Path(results) / ".gpu_locks"
+    # The lock is per physical device: ids name the same GPUs for every job of one results folder.
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        for i in range(n_gpus):
+            with file_lock(lock_dir / f"{i}.lock", blocking=False) as held:
+                if held:
+                    yield i
+                    return
+        if deadline is not None and time.monotonic() > deadline:
+            raise PipelineError(f"acquire_gpu: all {n_gpus} GPU locks in {lock_dir} stayed busy for {timeout_s} s; "
+                                "run snakemake with --resources gpu=N no larger than the number of GPUs")
+        time.sleep(poll_s)
+
+
+# --- split slides: per-part stores, merged under the slide lock ------------------------------------------------
+
+def part_path(results: Path, encoder: str, task: Task) -> Path:
+    return _Outputs(results, encoder, task.slide_id).parts / f"{task.start:010d}-{task.stop:010d}.zarr"
+
+
+def _part_lock(results: Path, encoder: str, task: Task) -> Path:
+    # Beside the slide locks, never inside the parts folder, and never deleted: unlinking a lock file that
+    # another process has opened would let two holders lock two different files.
+    lock = _Outputs(results, encoder, task.slide_id).lock
+    return lock.with_name(f"{task.slide_id}.part-{task.start}-{task.stop}.lock")
+
+
+def encode_part(results: Path, task: Task, cfg: EncoderConfig, opts: EncodeOptions, handle: EncoderHandle,
+                force: bool = False) -> dict[str, Any]:
+    """Rows [task.start, task.stop) into a part store (kept when complete, so a rerun resumes from it)."""
+    path = part_path(results, cfg.name, task)
+    started = time.perf_counter()
+    res: dict[str, Any] = {"status": STATUS_OK, "reason": "", "device": str(handle.device)}
+    with file_lock(_part_lock(results, cfg.name, task)):
+        try:
+            table = load_tile_table(results, task.slide_id)
+            extra = {"part_start": task.start, "part_stop": task.stop}
+            expect = {**_expect(cfg, opts.dtype, table.attrs), **extra}
+            if force or not is_complete_store(path, expect):
+                remove_stale_temporaries(path)
+                res["batch_size_final"] = _write_store(path, task.slide_id, table, task.start, task.stop, cfg,
+                                                       handle, opts, results, extra)
+        except (_Skip, PipelineError) as err:
+            res.update(status=STATUS_FAILED, reason=str(err))
+    res["seconds"] = round(time.perf_counter() - started, 3)
+    return res
+
+
+def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: list[dict[str, Any]],
+                cfg: EncoderConfig, opts: EncodeOptions, force: bool = False) -> dict[str, Any]:
+    """Publish a split slide: copy its part stores, in row order, into the final store; write the sidecar."""
+    out = _Outputs(results, cfg.name, slide_id)
+    side = _sidecar_base(results, slide_id, cfg, torch.device("cpu"), opts)
+    side.update(device=sorted({r.get("device", "?") for r in part_results}), parts=len(tasks))
+    started = time.perf_counter()
+    tasks = sorted(tasks, key=lambda t: t.start)
+    with file_lock(out.lock):
+        try:
+            table = load_tile_table(results, slide_id)
+            side["n_tiles"] = len(table)
+            bad = [r for r in part_results if r["status"] != STATUS_OK]
+            if bad:
+                raise FeatureError(bad[0]["reason"])
+            if force or not is_complete_store(out.store, _expect(cfg, opts.dtype, table.attrs)):
+                remove_stale_temporaries(out.store)
+                side["batch_size_final"] = _merge(out.store, [part_path(results, cfg.name, t) for t in tasks],
+                                                  table, opts)
+            side.update(status=STATUS_OK, store=f"features/{cfg.name}/{slide_id}.zarr")
+        except (_Skip, PipelineError) as err:
+            side.update(status=STATUS_FAILED, reason=str(err))
+        # Encoding time is the slowest part's (the parts ran in parallel) plus the merge.
+        slowest = max((r.get("seconds", 0.0) for r in part_results), default=0.0)
+        _finish(side, slowest + time.perf_counter() - started, out.sidecar)
+    _remove_parts(out.parts, tasks, results, cfg.name)
+    return side
+
+
+def _merge(final: Path, parts: list[Path], table: TileTable, opts: EncodeOptions) -> int:
+    groups = [zarr.open_group(str(p), mode="r") for p in parts]
+    dim = int(groups[0]["features"].shape[1])
+    n = len(table)
+    layout = opts.layout or plan_layout(n, dim, opts.dtype)
+    with atomic_group(final) as g:
+        feats, coords = create_feature_arrays(g, n, dim, opts.dtype, layout)
+        cw, fw = ShardWriter(coords), ShardWriter(feats)
+        for pg in groups:  # stream shard-sized blocks: memory stays one shard
+            pf, pc = pg["features"], pg["coords"]
+            for i in range(0, pf.shape[0], layout.shard_rows):
+                fw.append(pf[i:i + layout.shard_rows])
+                cw.append(pc[i:i + layout.shard_rows])
+        fw.close()
+        cw.close()
+        if not np.array_equal(np.asarray(coords[...]), table.coords):
+            raise FeatureError(f"{final}: merged coords differ from the tile table; rerun with --force")
+        attrs = {k: v for k, v in dict(groups[0].attrs).items() if k not in ("part_start", "part_stop")}
+        final_batch = min(int(pg.attrs.get("batch_size_final", opts.batch_size)) for pg in groups)
+        attrs.update(n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts),
+                     complete=True)
+        g.attrs.update(attrs)
+    return final_batch
+
+
+def _remove_parts(parts_dir: Path, tasks: list[Task], results: Path, encoder: str) -> None:
+    for t in tasks:
+        p = part_path(results, encoder, t)
+        with file_lock(_part_lock(results, encoder, t), blocking=False) as held:
+            if held:  # never delete a part another run is writing
+                shutil.rmtree(p, ignore_errors=True)
+                remove_stale_temporaries(p)
+    try:
+        parts_dir.rmdir()
+    except OSError:
+        pass
+
+
+# --- one process per device ----------------------------------------------------------------------------------
+
+def _tile_attrs(results: Path, slide_id: str) -> dict[str, Any] | None:
+    path = results / "tiles" / f"{slide_id}.zarr"
+    if not (path / "zarr.json").is_file():
+        return None
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def _run_device(device: str, tasks: list[Task], results: Path, cfg: EncoderConfig, opts: EncodeOptions,
+                force: bool, report: Callable[[Task, dict[str, Any]], None]) -> dict[str, Any]:
+    """Work through one device's bin with one encoder (built on first need); report each task's result."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    handle = EncoderHandle(cfg, dev)
+    for task in tasks:
+        try:
+            if task.part:
+                res = encode_part(results, task, cfg, opts, handle, force)
+            else:
+                res = _encode_whole(results, task.slide_id, cfg, opts, handle, force)
+        except Exception as err:  # a bug on one slide must not stop the device's other slides
+            log.exception("%s on %s", task.slide_id, device)
+            res = {"status": STATUS_FAILED, "reason": f"{type(err).__name__}: {' '.join(str(err).split())}",
+                   "device": device}
+            if not task.part:
+                res = {**_sidecar_base(results, task.slide_id, cfg, dev, opts), **res, "n_tiles": task.n_tiles}
+                _finish(res, 0.0, _Outputs(results, cfg.name, task.slide_id).sidecar)
+        report(task, res)
+    return {"device": device, "pid": os.getpid(), "model_loads": handle.builds,
+            "model_load_seconds": round(handle.load_seconds, 3), "tasks": len(tasks)}
+
+
+def _device_main(device: str, tasks: list[Task], results: Path, cfg_dump: dict[str, Any], opts: EncodeOptions,
+                 force: bool, threads: int | None, q: Any) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    summary = _run_device(device, tasks, results, EncoderConfig.model_validate(cfg_dump), opts, force,
+                          lambda t, r: q.put(("task", t, r)))
+    q.put(("done", device, summary))
+
+
+def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: EncoderConfig,
+                  devices: Sequence[str | torch.device] = ("auto",), *, batch_size: int = 64, num_workers: int = 0,
+                  dtype: str = "float16", force: bool = False, prefetch_factor: int = 2,
+                  split_threshold: int | None = None, layout: StoreLayout | None = None) -> dict[str, dict[str, Any]]:
+    """Encode a cohort over `devices` (e.g. ["cuda:0", "cuda:1"]; CPU entries work the same), one process and one
+    model load per device, slides bin-packed by tile count and big ones split. Returns {slide_id: sidecar}."""
+    results = Path(results)
+    devs = [str(resolve_device(d)) for d in devices] or ["cpu"]
+    opts = EncodeOptions(batch_size, num_workers, dtype, prefetch_factor, layout)
+    out: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for sid in dict.fromkeys(slide_ids):
+        attrs = _tile_attrs(results, sid)
+        store = _Outputs(results, encoder_cfg.name, sid).store
+        if attrs is not None and not force and is_complete_store(store, _expect(encoder_cfg, dtype, attrs)):
+            out[sid] = _encode_whole(results, sid, encoder_cfg, opts, EncoderHandle(encoder_cfg, torch.device("cpu")),
+                                     force)  # reuses the store: no model is built
+        else:
+            counts[sid] = int(attrs.get("n_tiles", 0)) if attrs else 0
+    plan = plan_shards(counts, len(devs), split_threshold=split_threshold, align=batch_size)
+    reports: list[tuple[Task, dict[str, Any]]] = []
+    summaries = _run_all(devs, plan, results, encoder_cfg, opts, force, reports)
+    parts: dict[str, list[tuple[Task, dict[str, Any]]]] = {}
+    for task, res in reports:
+        if task.part:
+            parts.setdefault(task.slide_id, []).append((task, res))
+        else:
+            out[task.slide_id] = res
+    for sid, lst in parts.items():
+        planned = [t for bin_ in plan for t in bin_ if t.slide_id == sid]
+        got = {t for t, _ in lst}
+        lost = [{"status": STATUS_FAILED, "reason": f"rows {t.start}-{t.stop}: worker process died"}
+                for t in planned if t not in got]
+        out[sid] = merge_parts(results, sid, planned, [r for _, r in lst] + lost, encoder_cfg, opts, force)
+    for sid in counts:
+        if sid not in out:  # its device's process died before reporting
+            dead = [s for s in summaries if s.get("exitcode")]
+            side = {**_sidecar_base(results, sid, encoder_cfg, torch.device("cpu"), opts), "n_tiles": counts[sid],
+                    "reason": f"worker process exited abnormally ({dead[0] if dead else 'no report'})"}
+            _finish(side, 0.0, _Outputs(results, encoder_cfg.name, sid).sidecar)
+            out[sid] = side
+    write_json_atomic(results / "logs" / "encode" / f"{encoder_cfg.name}-devices.json", summaries)
+    return {sid: out[sid] for sid in dict.fromkeys(slide_ids)}
+
+
+def _run_all(devs: list[str], plan: list[list[Task]], results: Path, cfg: EncoderConfig, opts: EncodeOptions,
+             force: bool, reports: list[tuple[Task, dict[str, Any]]]) -> list[dict[str, Any]]:
+    if len(devs) == 1:
+        return [_run_device(devs[0], plan[0], results, cfg, opts, force, lambda t, r: reports.append((t, r)))]
+    ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn is safe everywhere
+    q = ctx.Queue()
+    n_cpu = sum(d == "cpu" for d in devs)
+    threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))  # CPU "devices" share the cores
+    procs = {d: ctx.Process(target=_device_main, args=(d, plan[i], results, cfg.model_dump(), opts, force,
+                                                       threads if d == "cpu" else None, q), daemon=False)
+             for i, d in enumerate(devs) if plan[i]}
+    for p in procs.values():
+        p.start()
+    summaries: dict[str, dict[str, Any]] = {}
+    while True:
+        try:
+            msg = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            if all(not p.is_alive() for p in procs.values()):
+                break
+            continue
+        if msg[0] == "task":
+            reports.append((msg[1], msg[2]))
+        else:
+            summaries[msg[1]] = msg[2]
+    for d, p in procs.items():
+        p.join()
+        summaries.setdefault(d, {"device": d, "model_loads": None})["exitcode"] = p.exitcode
+    return [summaries[d] for d in procs]
