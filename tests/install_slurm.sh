@@ -4,9 +4,13 @@
 # tests/slurm_cluster.py, so the services the packages may enable are stopped/ignored (no systemd needed).
 set -eu
 
+BINS="slurmctld slurmd slurmstepd sinfo sbatch srun squeue scancel scontrol sacct munged mungekey"
+# the daemons live in /usr/sbin, which a non-root PATH may lack
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
 need=""
-for bin in slurmctld slurmd sinfo sbatch squeue sacct scontrol munged mungekey; do
-    command -v "$bin" >/dev/null 2>&1 || need="yes"
+for bin in $BINS; do
+    have "$bin" || need="yes"
 done
 [ -z "$need" ] && exit 0
 
@@ -24,11 +28,20 @@ if [ ! -e "$policy" ]; then
     chmod +x "$policy"
     created_policy="yes"
 fi
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-[ -n "$created_policy" ] && rm -f "$policy"
+log=$(mktemp)
+# quiet on success; the whole apt output on failure
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge; } \
+        >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install_slurm.sh: apt-get failed (output above)" >&2
+    [ -n "$created_policy" ] && rm -f "$policy"
+    rm -f "$log"
+    exit 1
+fi
+rm -f "$log"
+if [ -n "$created_policy" ]; then rm -f "$policy"; fi
 
-for bin in slurmctld slurmd sinfo sbatch squeue sacct scontrol munged mungekey; do
-    command -v "$bin" >/dev/null 2>&1 || { echo "install_slurm.sh: $bin still missing after apt-get" >&2; exit 1; }
+for bin in $BINS; do
+    have "$bin" || { echo "install_slurm.sh: $bin still missing after apt-get" >&2; exit 1; }
 done
 exit 0

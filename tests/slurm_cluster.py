@@ -79,7 +79,20 @@ class SlurmCluster:
                 parts.append(f"--- {name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(parts)
 
+    def cancel_all_jobs(self, timeout: float = 20) -> None:
+        """scancel every job still queued or running and wait for slurmd to end their steps."""
+        active = "--states=PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING"
+        ids = self.run("squeue", "--noheader", "--format=%i", active, check=False).stdout.split()
+        if not ids:
+            return
+        self.run("scancel", *ids, check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run("squeue", "--noheader", active, check=False).stdout.strip():
+            time.sleep(0.3)
+
     def stop(self) -> None:
+        if all(p.poll() is None for p in self.procs.values()) and len(self.procs) == 3:
+            self.cancel_all_jobs()  # while slurmd is up, so it kills the jobs' process trees itself
         # slurmd first (it talks to slurmctld on shutdown), munged last (both authenticate through it)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
@@ -91,15 +104,26 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        _kill_leftover_stepds(self.root)
+        _kill_leftovers(self.conf)
 
 
-def missing_binaries() -> list[str]:
-    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+def _search_path(search_path: str | None) -> str:
+    # daemons live in /usr/sbin, which a non-login PATH may lack
+    return search_path if search_path is not None else os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
+                                                                         "/sbin"])
+
+
+def missing_binaries(search_path: str | None = None) -> list[str]:
+    """The SLURM/MUNGE programs not found on `search_path` (default: PATH plus the sbin dirs)."""
+    path = _search_path(search_path)
+    return [b for b in BINARIES if shutil.which(b, path=path) is None]
 
 
 def _which(name: str) -> str:
-    return shutil.which(name) or str(Path("/usr/sbin", name))
+    found = shutil.which(name, path=_search_path(None))
+    if found is None:
+        raise SlurmUnavailable(f"{name} not found; {INSTALL_HINT}")
+    return found
 
 
 def _free_port() -> int:
@@ -174,18 +198,20 @@ def _write_srun_shim(root: Path, conf: Path) -> None:
     shim.chmod(0o755)
 
 
-def _kill_leftover_stepds(root: Path) -> None:
-    """slurmstepd processes of this cluster outlive slurmd when a job is still running at teardown."""
-    marker = str(root).encode()
+def _kill_leftovers(conf: Path) -> None:
+    """SIGKILL what this cluster started and left behind (stepds, job scripts): their environment names our conf.
+
+    A normal teardown leaves nothing (jobs are cancelled first); this covers a slurmd that died mid-job.
+    """
+    marker = f"SLURM_CONF={conf}".encode()
     for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
             continue
         try:
-            cmdline = (proc_dir / "cmdline").read_bytes()
             environ = (proc_dir / "environ").read_bytes()
         except OSError:
             continue
-        if b"slurmstepd" in cmdline and marker in environ:
+        if marker in environ.split(b"\0"):
             try:
                 os.kill(int(proc_dir.name), signal.SIGKILL)
             except OSError:
@@ -212,11 +238,14 @@ def _spawn(cluster: SlurmCluster, name: str, cmd: list[str]) -> None:
 
 
 @contextmanager
-def start_cluster(root: Path | None = None, partition: str = "cpu", timeout: float = 60) -> Iterator[SlurmCluster]:
+def start_cluster(root: Path | None = None, partition: str = "cpu", timeout: float = 60,
+                  search_path: str | None = None) -> Iterator[SlurmCluster]:
     """Start munged + slurmctld + slurmd, wait until the node is idle, yield, then stop them and clean up."""
-    missing = missing_binaries()
+    missing = missing_binaries(search_path)
     if missing:
         raise SlurmUnavailable(f"{', '.join(missing)} not found; {INSTALL_HINT}")
+    if os.geteuid() != 0:  # slurmd must be root to start job steps; SlurmUser=root keeps it one user
+        raise SlurmUnavailable("the test cluster runs slurmctld/slurmd as root; run the SLURM tests as root")
     own_root = root is None
     # short path: the munge socket path must fit in sun_path (108 bytes)
     root = Path(tempfile.mkdtemp(prefix="slurm-")) if root is None else root
@@ -252,11 +281,8 @@ def start_cluster(root: Path | None = None, partition: str = "cpu", timeout: flo
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A running single-node cluster (partition "cpu"); fails, never skips, when SLURM is not installed."""
-    missing = missing_binaries()
-    if missing:
-        pytest.fail(f"SLURM not installed ({', '.join(missing)} missing): {INSTALL_HINT}", pytrace=False)
     try:
         with start_cluster() as cluster:
             yield cluster
     except SlurmUnavailable as exc:
-        pytest.fail(f"SLURM test cluster did not start: {exc}", pytrace=False)
+        pytest.fail(f"SLURM test cluster: {exc}", pytrace=False)

@@ -8,15 +8,24 @@ code, the plugin's rule comment, work dir, memory request) and the per-job logs 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture is used by name
+from slurm_cluster import (  # noqa: F401 - the fixture is used by name
+    BINARIES,
+    SlurmCluster,
+    SlurmUnavailable,
+    missing_binaries,
+    slurm_cluster,
+    start_cluster,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -104,3 +113,66 @@ def test_rerun_submits_nothing(slurm_run: tuple[Path, str], slurm_cluster: Slurm
     assert again.returncode == 0, out[-3000:]
     assert "Nothing to be done" in out and not SUBMITTED.search(out)
     assert _all_job_ids(slurm_cluster) == before
+
+
+def _wait_state(cluster: SlurmCluster, job_id: str, states: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.job_info(job_id).get("JobState", "")
+        if state in states:
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {cluster.job_info(job_id)}")
+
+
+def test_plugin_squeue_status_query_sees_failed_and_completed_jobs(slurm_cluster: SlurmCluster,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    """The exact status command the plugin runs here (squeue, no accounting) reports finished jobs' states."""
+    from snakemake_executor_plugin_slurm.job_status_query import query_job_status_squeue
+
+    name = f"wsitest-{os.getpid()}"
+    ids = {}
+    for label, script in (("ok", "srun true"), ("bad", "srun sh -c 'exit 3'")):
+        ids[label] = slurm_cluster.run("sbatch", "--parsable", "--job-name", name, "--mem", "100",
+                                       "-o", str(tmp_path / f"{label}.log"), "--wrap", script).stdout.strip()
+    assert _wait_state(slurm_cluster, ids["ok"], {"COMPLETED", "FAILED"}) == "COMPLETED"
+    assert _wait_state(slurm_cluster, ids["bad"], {"COMPLETED", "FAILED"}) == "FAILED"
+    assert slurm_cluster.job_info(ids["bad"])["ExitCode"] == "3:0"
+    out = subprocess.run(query_job_status_squeue(name), shell=True, env=slurm_cluster.env(), capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    rows = dict(line.split("|") for line in out.split())
+    assert rows == {ids["ok"]: "COMPLETED", ids["bad"]: "FAILED"}
+    # without slurmdbd, sacct (the plugin's default status command) cannot answer: why the tests use squeue
+    sacct = slurm_cluster.run("sacct", "-X", "--noheader", check=False)
+    assert sacct.returncode != 0 and "accounting storage is disabled" in sacct.stderr
+
+
+def test_teardown_stops_daemons_and_running_jobs() -> None:
+    with start_cluster() as cluster:
+        pids = [p.pid for p in cluster.procs.values()]
+        job = cluster.run("sbatch", "--parsable", "--mem", "100", "-o", "/dev/null", "--wrap",
+                          "srun sleep 987").stdout.strip()
+        _wait_state(cluster, job, {"RUNNING"})
+        root = cluster.root
+    assert not root.exists()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                 if p.exists() and b"sleep\x00987" in _read(p)]
+    assert not leftovers
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def test_missing_binaries_fail_with_the_install_hint(tmp_path: Path) -> None:
+    assert missing_binaries() == []  # this machine ran tests/install_slurm.sh
+    assert missing_binaries(str(tmp_path)) == list(BINARIES)
+    with pytest.raises(SlurmUnavailable) as err, start_cluster(search_path=str(tmp_path)):
+        pass
+    message = str(err.value)
+    assert "\n" not in message and "tests/install_slurm.sh" in message and "slurmctld" in message
