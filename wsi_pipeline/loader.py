@@ -192,7 +192,8 @@ def _consume(pending: tuple[torch.Tensor, Any, int], writer: ShardWriter, dtype:
         ev.synchronize()
     where = f"{context}, tiles {row}-{row + len(host) - 1}"
     check_finite(host, where)
-    arr = host.numpy().astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is detected just below, with a useful message
+        arr = host.numpy().astype(dtype)
     if not np.isfinite(arr).all():
         raise FeatureError(f"{where}: embeddings overflow {dtype} (|x| > {np.finfo(dtype).max:g}); "
                            "store float32 (encode.dtype: float32)")
