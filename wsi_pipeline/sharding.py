@@ -293,13 +293,13 @@ def _run_device(device: str, tasks: list[Task], results: Path, cfg: EncoderConfi
             "model_load_seconds": round(handle.load_seconds, 3), "tasks": len(tasks)}
 
 
-def _device_main(device: str, tasks: list[Task], results: Path, cfg_dump: dict[str, Any], opts: EncodeOptions,
-                 force: bool, threads: int | None, q: Any) -> None:
+def _device_main(rank: int, device: str, tasks: list[Task], results: Path, cfg_dump: dict[str, Any],
+                 opts: EncodeOptions, force: bool, threads: int | None, q: Any) -> None:
     if threads:
         torch.set_num_threads(threads)
     summary = _run_device(device, tasks, results, EncoderConfig.model_validate(cfg_dump), opts, force,
                           lambda t, r: q.put(("task", t, r)))
-    q.put(("done", device, summary))
+    q.put(("done", rank, summary))
 
 
 def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: EncoderConfig,
@@ -355,12 +355,12 @@ def _run_all(devs: list[str], plan: list[list[Task]], results: Path, cfg: Encode
     q = ctx.Queue()
     n_cpu = sum(d == "cpu" for d in devs)
     threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))  # CPU "devices" share the cores
-    procs = {d: ctx.Process(target=_device_main, args=(d, plan[i], results, cfg.model_dump(), opts, force,
-                                                       threads if d == "cpu" else None, q), daemon=False)
-             for i, d in enumerate(devs) if plan[i]}
+    procs = {rank: ctx.Process(target=_device_main, args=(rank, d, plan[rank], results, cfg.model_dump(), opts,
+                                                          force, threads if d == "cpu" else None, q), daemon=False)
+             for rank, d in enumerate(devs) if plan[rank]}
     for p in procs.values():
         p.start()
-    summaries: dict[str, dict[str, Any]] = {}
+    summaries: dict[int, dict[str, Any]] = {}
     while True:
         try:
             msg = q.get(timeout=0.5)
@@ -372,7 +372,7 @@ def _run_all(devs: list[str], plan: list[list[Task]], results: Path, cfg: Encode
             reports.append((msg[1], msg[2]))
         else:
             summaries[msg[1]] = msg[2]
-    for d, p in procs.items():
+    for rank, p in procs.items():
         p.join()
-        summaries.setdefault(d, {"device": d, "model_loads": None})["exitcode"] = p.exitcode
-    return [summaries[d] for d in procs]
+        summaries.setdefault(rank, {"device": devs[rank], "model_loads": None})["exitcode"] = p.exitcode
+    return [summaries[rank] for rank in procs]
