@@ -177,9 +177,18 @@ def fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag],
 
     Without one, train `cfg.epochs` epochs and keep the last. Returns the model (on its device) and a history.
     """
-    set_seed(cfg.seed)
-    if cfg.num_threads:
+    previous_threads = torch.get_num_threads()
+    if cfg.num_threads:  # small models on a busy CPU run far faster on one thread; restored on return
         torch.set_num_threads(cfg.num_threads)
+    try:
+        return _fit(spec, store, train, val, problem, cfg, label, monitor)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag], problem: Problem,
+         cfg: TrainConfig, label: str, monitor: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = make_model(spec)
     if spec.get("standardize"):
@@ -217,7 +226,7 @@ def fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag],
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                total += float(loss) * len(chunk)
+                total += float(loss.detach()) * len(chunk)
             record = {"epoch": epoch + 1, "train_loss": total / len(train)}
             if val:
                 pred = predict_bags(model, store, val, problem, device, amp=cfg.amp)

@@ -46,14 +46,26 @@ def make_splits(ids: list[str], groups: list[str], strata: list[int], folds: int
         for seed in seeds:
             outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
             for k, (train, test) in enumerate(outer.split(ids_a, strata_a, groups_a)):
-                inner = StratifiedGroupKFold(n_splits=min(n_val, len(set(groups_a[train]))), shuffle=True,
-                                             random_state=seed + 1000 * (k + 1))
-                fit, val = next(inner.split(train, strata_a[train], groups_a[train]))
+                fit, val = _validation_split(groups_a[train], strata_a[train], n_val, seed + 1000 * (k + 1))
                 entries.append({"index": len(entries), "seed": int(seed), "fold": k,
                                 "train": ids_a[train[fit]].tolist(), "val": ids_a[train[val]].tolist(),
                                 "test": ids_a[test].tolist()})
     return {"folds": folds, "seeds": list(map(int, seeds)), "val_fraction": val_fraction,
             "fingerprint": _fingerprint(list(ids), list(groups), list(map(int, strata))), "splits": entries}
+
+
+def _validation_split(groups: np.ndarray, strata: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out about 1/n_val of the training groups, stratified when every stratum has two groups or more."""
+    per_group = dict(zip(groups.tolist(), strata.tolist(), strict=True))
+    smallest = min(np.unique(list(per_group.values()), return_counts=True)[1])
+    if smallest >= 2:
+        inner = StratifiedGroupKFold(n_splits=min(n_val, smallest), shuffle=True, random_state=seed)
+        return next(inner.split(groups, strata, groups))
+    names = np.array(sorted(per_group))
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(names, max(1, len(names) // n_val), replace=False).tolist())
+    is_val = np.array([g in held for g in groups])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def load_or_make_splits(path: str | Path, ids: list[str], groups: list[str], strata: list[int], folds: int,

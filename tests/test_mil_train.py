@@ -1,0 +1,174 @@
+"""Cohort training end to end on real Zarr feature stores written here; bad-input errors; checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from wsi_pipeline.errors import TrainingDataError
+from wsi_pipeline.mil.train import load_checkpoint, predict, train_task
+
+DIM = 16
+FAST = {"model": "abmil-gated", "hidden_dim": 16, "attn_dim": 8, "dropout": 0.0, "lr": 1e-2, "epochs": 12,
+        "patience": 12, "folds": 3, "seeds": [0], "val_fraction": 0.25, "quiet": True, "batch_size": 2,
+        "bootstrap": 50, "device": "cpu", "num_threads": 1}
+
+
+def write_store(root, slide_id: str, feats: np.ndarray) -> None:
+    """A feature store as stage 2 writes it: Zarr v3 group with features (float16) and coords (int64)."""
+    group = zarr.open_group(str(root / f"{slide_id}.zarr"), mode="w")
+    group.create_array("features", data=feats.astype(np.float16), chunks=(64, DIM))
+    coords = np.stack([np.arange(len(feats)) * 224, np.zeros(len(feats))], 1).astype(np.int64)
+    group.create_array("coords", data=coords)
+    group.attrs.update({"encoder": "synthetic", "embed_dim": DIM})
+
+
+def make_cohort(tmp_path, n_patients: int = 24, seed: int = 0):
+    """Patients (some with two slides) whose bags carry a planted signal: label 1 / high risk -> key tiles."""
+    rng = np.random.default_rng(seed)
+    feats_dir = tmp_path / "features" / "synthetic"
+    feats_dir.mkdir(parents=True)
+    rows = []
+    for p in range(n_patients):
+        label = p % 2
+        risk = rng.normal()
+        time = float(np.exp(-risk) * 10 + rng.random())
+        event = int(rng.random() < 0.8)
+        for s in range(1 + (p % 5 == 0)):
+            sid = f"P{p:02d}-S{s}"
+            x = rng.normal(size=(int(rng.integers(20, 50)), DIM)).astype(np.float32)
+            k = rng.choice(len(x), 6, replace=False)
+            x[k, :4] += 2.5 * label
+            x[k, 4:8] += 1.5 * risk
+            write_store(feats_dir, sid, x)
+            rows.append({"slide_id": sid, "patient_id": f"P{p:02d}", "diagnosis": ["benign", "tumour"][label],
+                         "os_time": time, "os_event": event})
+    sheet = tmp_path / "sheet.csv"
+    pd.DataFrame(rows).to_csv(sheet, index=False)
+    return sheet, feats_dir
+
+
+CLS_TASK = {"name": "dx", "type": "classification", "label": "diagnosis", "classes": ["benign", "tumour"]}
+SURV_TASK = {"name": "os", "type": "survival", "time": "os_time", "event": "os_event"}
+
+
+def test_classification_task_end_to_end(tmp_path):
+    sheet, feats = make_cohort(tmp_path)
+    out = tmp_path / "results" / "mil" / "dx"
+    att = tmp_path / "results" / "attention" / "dx"
+    res = train_task(sheet, feats, CLS_TASK, FAST, out, attention_dir=att)
+    summary = res["summary"]
+    assert summary["folds_done"] == 3 and summary["metrics"]["auc"]["mean"] > 0.8  # planted signal learnt
+    lo, hi = summary["metrics"]["auc"]["ci_low"], summary["metrics"]["auc"]["ci_high"]
+    assert lo <= summary["metrics"]["auc"]["pooled"] <= hi
+    for name in ("splits.json", "config.json", "summary.json", "summary.csv", "folds.csv", "roc.png"):
+        assert (out / name).stat().st_size > 0, name
+    preds = pd.concat(pd.read_csv(out / f"fold{i:02d}" / "predictions.csv") for i in range(3))
+    assert sorted(preds["patient_id"]) == sorted(f"P{p:02d}" for p in range(24))  # each patient tested once
+    assert np.allclose(preds[["prob_benign", "prob_tumour"]].sum(1), 1)
+    metrics = json.loads((out / "fold00" / "metrics.json").read_text())
+    assert {"auc", "balanced_accuracy", "f1", "best_epoch", "history"} <= set(metrics)
+    # attention: one store per slide (pooled patients split back), one score per tile, coords copied
+    two_slides = zarr.open_group(str(att / "P00-S1.zarr"), mode="r")
+    n_tiles = zarr.open_group(str(feats / "P00-S1.zarr"), mode="r")["features"].shape[0]
+    assert two_slides["scores"].shape == (n_tiles,) and two_slides["coords"].shape == (n_tiles, 2)
+    both = np.concatenate([zarr.open_group(str(att / f"P00-S{s}.zarr"))["scores"][:] for s in (0, 1)])
+    assert both.sum() == pytest.approx(1.0, abs=1e-4)  # attention over the patient's bag
+    assert len(list(att.glob("*.zarr"))) == len(pd.read_csv(sheet))
+
+    # checkpoint round trip: a rebuilt model gives the same test predictions
+    fold = out / "fold01"
+    single = preds[(preds["fold"] == 1) & ~preds["slide_ids"].str.contains(";")]
+    again = predict(fold, feats, single["slide_ids"].tolist(), tmp_path / "pred.csv", device="cpu")
+    assert np.allclose(again["prob_tumour"].to_numpy(), single["prob_tumour"].to_numpy(), atol=1e-6)
+    model, problem, meta = load_checkpoint(fold)
+    assert problem.classes == ["benign", "tumour"] and meta["index"] == 1
+    ensemble = predict(out, feats, ["P01-S0"], tmp_path / "ens.csv", device="cpu")
+    assert ensemble["n_models"].iloc[0] == 3
+
+    # re-running reuses finished folds (nothing retrained) and the split file
+    stamp = (out / "fold00" / "metrics.json").stat().st_mtime_ns
+    train_task(sheet, feats, CLS_TASK, FAST, out, fold=0, attention_dir=att)
+    assert (out / "fold00" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("loss", ["nll", "cox"])
+def test_survival_task(tmp_path, loss):
+    sheet, feats = make_cohort(tmp_path, n_patients=30)
+    cfg = FAST | {"survival_loss": loss, "batch_size": 8, "epochs": 25, "patience": 25, "lr": 1e-2}
+    res = train_task(sheet, feats, SURV_TASK, cfg, tmp_path / "os")
+    c = res["summary"]["metrics"]["c_index"]
+    assert c["mean"] > 0.6, c  # planted risk signal
+    assert (tmp_path / "os" / "km.png").stat().st_size > 0
+    preds = pd.read_csv(tmp_path / "os" / "fold00" / "predictions.csv")
+    assert {"time", "event", "risk"} <= set(preds.columns)
+
+
+def test_fold_without_events_is_undefined_not_half(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=12)
+    df = pd.read_csv(sheet)
+    df["os_event"] = (df["patient_id"] == "P03").astype(int)  # a single patient with an event ...
+    df.loc[df["patient_id"] == "P03", "os_time"] = 0.01  # ... the first one: its fold has comparable pairs
+    df.to_csv(sheet, index=False)
+    res = train_task(sheet, feats, SURV_TASK, FAST | {"epochs": 2, "batch_size": 4}, tmp_path / "os")
+    undefined = [f for f in res["folds"] if f["c_index"] is None]
+    assert len(undefined) == 2 and all(f["c_index_undefined"] == "no observed events in this fold" for f in undefined)
+    assert res["summary"]["metrics"]["c_index"]["n_folds"] == 1
+
+
+def test_missing_features_listed_in_one_error(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=9)
+    df = pd.read_csv(sheet)
+    extra = pd.DataFrame([{"slide_id": f"GHOST{i}", "patient_id": f"G{i}", "diagnosis": "benign",
+                           "os_time": 1.0, "os_event": 1} for i in range(3)])
+    pd.concat([df, extra]).to_csv(sheet, index=False)
+    with pytest.raises(TrainingDataError) as err:
+        train_task(sheet, feats, CLS_TASK, FAST, tmp_path / "out")
+    msg = str(err.value)
+    assert "3 slide(s)" in msg and all(f"GHOST{i}" in msg for i in range(3)) and "\n" not in msg
+    assert not (tmp_path / "out" / "fold00").exists()  # checked before any training
+
+
+def test_bad_survival_values(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=9)
+    df = pd.read_csv(sheet)
+    bad_time = df.copy()
+    bad_time.loc[0, "os_time"] = 0.0
+    bad_time.to_csv(sheet, index=False)
+    with pytest.raises(TrainingDataError, match="survival time must be > 0"):
+        train_task(sheet, feats, SURV_TASK, FAST, tmp_path / "a")
+    bad_event = df.copy()
+    bad_event.loc[1, "os_event"] = 2
+    bad_event.to_csv(sheet, index=False)
+    with pytest.raises(TrainingDataError, match=r"event must be 0 \(censored\) or 1"):
+        train_task(sheet, feats, SURV_TASK, FAST, tmp_path / "b")
+
+
+def test_too_few_patients_per_class(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=12)
+    df = pd.read_csv(sheet)
+    df.loc[df["patient_id"].isin(["P01", "P03", "P05", "P07", "P09"]), "diagnosis"] = "benign"
+    df.to_csv(sheet, index=False)  # one tumour patient left, 3 folds
+    with pytest.raises(TrainingDataError, match="fewer patients than the 3 folds"):
+        train_task(sheet, feats, CLS_TASK, FAST, tmp_path / "out")
+
+
+def test_empty_bag_and_non_finite_features(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=9)
+    out = tmp_path / "out"
+    train_task(sheet, feats, CLS_TASK, FAST | {"epochs": 2}, out, fold=0)  # one fold done before the damage
+    done = (out / "fold00" / "metrics.json").read_text()
+    bad = np.random.default_rng(0).normal(size=(30, DIM))
+    bad[3, 2] = np.nan
+    write_store(feats, "P04-S0", bad)
+    with pytest.raises(TrainingDataError, match="P04-S0.zarr: features contain NaN or infinity"):
+        train_task(sheet, feats, CLS_TASK, FAST | {"epochs": 2}, out)
+    assert (out / "fold00" / "metrics.json").read_text() == done  # nothing trained so far is lost
+    write_store(feats, "P04-S0", np.zeros((0, DIM)))
+    with pytest.raises(TrainingDataError, match="P04-S0.zarr: empty bag"):
+        train_task(sheet, feats, CLS_TASK, FAST, out)
