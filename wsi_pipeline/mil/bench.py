@@ -45,7 +45,7 @@ def _bce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray, pool: str,
                grid: list[dict[str, float]], inner_folds: int, epochs: int, batch_size: int,
                max_instances: int | None, attn_dim: int, dropout: float, seed: int,
-               criterion: str = "loss") -> dict[str, Any]:
+               criterion: str = "loss", final_seeds: int = 0) -> dict[str, Any]:
     """One outer fold: inner-CV model selection on `train`, predictions for `test`."""
     inst = np.concatenate([bags[i] for i in train]).astype(np.float64)
     mean, std = inst.mean(0), inst.std(0)
@@ -71,8 +71,18 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
         wrong = (((logits > 0) != y[None, None]) * val_mask[None]).sum(2)
         score = wrong.reshape(epochs, len(grid), inner_folds).sum(2) / len(train) + 1e-3 * per_cfg
     e_best, g_best = np.unravel_index(np.argmin(score), score.shape)
-    rows = [m for m, (g, _) in enumerate(members) if g == g_best]
-    prob = (1 / (1 + np.exp(-logits[e_best][rows][:, test]))).mean(0)
+    if final_seeds:  # retrain the chosen configuration on the whole training fold, several initialisations
+        final_mask = np.zeros((final_seeds, len(bags)), dtype=bool)
+        final_mask[:, train] = True
+        final = StackedMIL(final_seeds, z[0].shape[1], [int(grid[g_best]["hidden"])] * final_seeds, attn_dim, pool,
+                           [dropout] * final_seeds, seed + 7)
+        last = train_stacked(final, z, y, final_mask, np.full(final_seeds, grid[g_best]["lr"]),
+                             np.full(final_seeds, grid[g_best]["weight_decay"]), int(e_best) + 1, batch_size,
+                             max_instances, seed + 7)[-1]
+        prob = (1 / (1 + np.exp(-last[:, test]))).mean(0)
+    else:  # cross-validation bagging: the chosen configuration's inner-fold models at the chosen epoch
+        rows = [m for m, (g, _) in enumerate(members) if g == g_best]
+        prob = (1 / (1 + np.exp(-logits[e_best][rows][:, test]))).mean(0)
     pred = (prob > 0.5).astype(int)
     return {"accuracy": float((pred == y[test]).mean()), "config": grid[g_best], "epoch": int(e_best) + 1,
             "val_loss": float(per_cfg[e_best, g_best]), "prob": prob}
@@ -81,7 +91,8 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
 def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
               grid: dict[str, list[float]] | None = None, inner_folds: int = 5, epochs: int = 40,
               batch_size: int = 8, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
-              threads: int | None = None, out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+              final_seeds: int = 5, criterion: str = "accuracy", threads: int | None = 1,
+              out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the protocol on a `label,bag_id,features...` CSV; print and return a summary dict.
 
     The last printed line is one JSON object with at least `accuracy_mean` and `accuracy_se` (SE over the
@@ -89,8 +100,20 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
     """
     if model not in POOLS:
         raise TrainingDataError(f"bench_mil supports models {sorted(POOLS)}, not {model!r}")
-    if threads:
+    previous = torch.get_num_threads()
+    if threads:  # small stacked models: one thread avoids contention on a shared CPU
         torch.set_num_threads(threads)
+    try:
+        return _bench(csv_path, folds, repeats, model, seed, grid, inner_folds, epochs, batch_size, max_instances,
+                      attn_dim, dropout, final_seeds, criterion, out_json, quiet)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int,
+           grid: dict[str, list[float]] | None, inner_folds: int, epochs: int, batch_size: int,
+           max_instances: int | None, attn_dim: int, dropout: float, final_seeds: int, criterion: str,
+           out_json: str | Path | None, quiet: bool) -> dict[str, Any]:
     start = time.perf_counter()
     bag_list, store = load_instance_csv(csv_path)
     bags = [store.load(b) for b in bag_list]
@@ -105,7 +128,8 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
         correct = 0
         for k, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
             res = outer_fold(bags, y, train, test, POOLS[model], configs, inner_folds, epochs, batch_size,
-                             max_instances, attn_dim, dropout, seed=seed + 1000 * r + k)
+                             max_instances, attn_dim, dropout, seed=seed + 1000 * r + k, criterion=criterion,
+                             final_seeds=final_seeds)
             fold_acc.append(res["accuracy"])
             correct += res["accuracy"] * len(test)
             chosen.append({"repeat": r, "fold": k, **res["config"], "epoch": res["epoch"]})
@@ -120,7 +144,8 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
         "bags": len(bags), "instances": int(sum(len(b) for b in bags)), "features": int(bags[0].shape[1]),
         "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se,
         "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
-        "selection": {"grid": grid, "inner_folds": inner_folds, "max_epochs": epochs, "batch_size": batch_size,
+        "selection": {"grid": grid, "inner_folds": inner_folds, "criterion": criterion, "final_seeds": final_seeds,
+                      "max_epochs": epochs, "batch_size": batch_size,
                       "max_instances_train": max_instances, "attn_dim": attn_dim, "dropout": dropout,
                       "chosen": chosen},
         "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
