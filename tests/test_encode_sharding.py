@@ -151,3 +151,37 @@ def test_two_cpu_devices_write_the_same_stores_as_one_process(tmp_path: Path) ->
 
     again = encode_slides(results, ids, cfg, ["cpu", "cpu"], batch_size=8, layout=layout)
     assert all(again[s]["reused"] for s in ids)  # complete stores: nothing spawned, nothing rebuilt
+
+
+def test_split_parts_are_resumable_and_merge_to_the_unsplit_store(tmp_path: Path) -> None:
+    import torch
+
+    from wsi_pipeline.encode_stage import EncodeOptions, EncoderHandle
+    from wsi_pipeline.sharding import Task, encode_part, merge_parts, part_path
+
+    stain, layout = EncoderConfig(name="stain-texture"), StoreLayout(4, 8)
+    results = tiled_synthetic(tmp_path, "s", seed=5)
+    n = json.loads((results / "tiles" / "s.json").read_text())["n_tiles"]
+    ref = fresh_results(results, tmp_path / "ref")
+    encode_slide(ref, "s", stain, batch_size=8, device="cpu", layout=layout)
+    opts = EncodeOptions(batch_size=8, layout=layout)
+    tasks = [Task("s", a, b, n, part=True) for a, b in split_rows(n, 2, align=8)]
+    cpu = torch.device("cpu")
+    store = feature_store_path(results, "stain-texture", "s")
+
+    first = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu)) for t in tasks]
+    failed = merge_parts(results, "s", tasks, [first[0], {"status": "failed", "reason": "rows 9-20: boom"}], stain,
+                         opts)
+    assert failed["status"] == "failed" and "boom" in failed["reason"] and not store.exists()
+
+    parts = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu)) for t in tasks]
+    handle = EncoderHandle(stain, cpu)
+    assert encode_part(results, tasks[0], stain, opts, handle)["status"] == "ok" and handle.builds == 0  # resumed
+    assert part_path(results, "stain-texture", tasks[1]).is_dir()
+    side = merge_parts(results, "s", tasks, parts, stain, opts)
+    assert side["status"] == "ok" and side["parts"] == 2
+    got, want = read_store(store), read_store(feature_store_path(ref, "stain-texture", "s"))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2]["layout"] == want[2]["layout"] and got[2]["merged_parts"] == 2
+    assert not (feature_dir(results, "stain-texture") / "s.parts").exists() and temporaries(results) == []

@@ -197,7 +197,7 @@ def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: l
     """Publish a split slide: copy its part stores, in row order, into the final store; write the sidecar."""
     out = _Outputs(results, cfg.name, slide_id)
     side = _sidecar_base(results, slide_id, cfg, torch.device("cpu"), opts)
-    side.update(device=sorted({r.get("device", "?") for r in part_results}), parts=len(tasks))
+    side.update(device=",".join(sorted({str(r.get("device", "?")) for r in part_results})), parts=len(tasks))
     started = time.perf_counter()
     tasks = sorted(tasks, key=lambda t: t.start)
     with file_lock(out.lock):
@@ -272,8 +272,8 @@ def _run_device(device: str, tasks: list[Task], results: Path, cfg: EncoderConfi
                 force: bool, report: Callable[[Task, dict[str, Any]], None]) -> dict[str, Any]:
     """Work through one device's bin with one encoder (built on first need); report each task's result."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # so library calls without an explicit device land on ours
     handle = EncoderHandle(cfg, dev)
     for task in tasks:
         try:
