@@ -10,9 +10,11 @@ split into row ranges) and GPU picking (`acquire_gpu`) live in `sharding.py` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -278,6 +280,17 @@ def config_sections(config: str | Path | None) -> tuple[EncoderConfig, EncodePar
         raise ConfigError(f"{config}: encoder/encode section: {' '.join(str(err).split())}") from None
 
 
+@contextlib.contextmanager
+def _gpu_for(results: Path, dev: torch.device) -> Iterator[torch.device]:
+    if dev.type != "cuda" or dev.index is not None:
+        yield dev
+        return
+    from .sharding import acquire_gpu
+
+    with acquire_gpu(results) as i:
+        yield torch.device("cuda", i)
+
+
 def encode_command(
     slide: Annotated[str, typer.Argument(help="slide id, or the slide file (id = file name without extension)")],
     out: Annotated[Path, typer.Option("--out", help="results folder holding tiles/; features/ is written inside")],
@@ -287,7 +300,8 @@ def encode_command(
     config: Annotated[Path | None, typer.Option(help="YAML config (its encoder/encode sections are used)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="tiles per batch (default 64)")] = None,
     num_workers: Annotated[int | None, typer.Option(help="tile-reading worker processes (0: inline)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu, cuda:N, or cuda (a free GPU picked by lock file under RESULTS/.gpu_locks)")] = None,
     dtype: Annotated[str | None, typer.Option(help="stored feature dtype: float16 or float32")] = None,
     force: Annotated[bool, typer.Option(help="re-encode even if a complete store exists")] = False,
     record_failures: Annotated[bool, typer.Option(
@@ -304,9 +318,12 @@ def encode_command(
         params = EncodeParams.model_validate({**params.model_dump(),
                                               **{k: v for k, v in overrides.items() if v is not None}})
         slide_id = default_slide_id(slide) if Path(slide).exists() else slide
-        result = encode_slide(out, slide_id, enc_cfg, batch_size=params.batch_size, num_workers=params.num_workers,
-                              device=params.device, dtype=params.dtype, force=force,
-                              prefetch_factor=params.prefetch_factor)
+        dev = resolve_device(params.device)
+        # "cuda" without an index: take a free GPU by lock file (Snakemake counts GPUs but does not assign them).
+        with _gpu_for(out, dev) as dev:
+            result = encode_slide(out, slide_id, enc_cfg, batch_size=params.batch_size,
+                                  num_workers=params.num_workers, device=dev, dtype=params.dtype, force=force,
+                                  prefetch_factor=params.prefetch_factor)
     except (PipelineError, ValueError) as err:
         typer.echo(f"error: {' '.join(str(err).split())}", err=True)
         raise typer.Exit(code=1) from None
