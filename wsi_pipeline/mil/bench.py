@@ -1,10 +1,11 @@
 """Classic-MIL benchmark (Ilse et al. 2018 protocol): 10-fold CV repeated 5 times, bag accuracy, mean +- SE.
 
-Inside each outer training fold: features are standardised with that fold's statistics, and a small grid
-(learning rate x weight decay x hidden size) is scored by inner 5-fold cross-validation on the training bags only;
-the configuration and epoch with the lowest out-of-fold validation loss win, and the test bags are predicted by
-the mean probability of that configuration's inner-fold models (cross-validation bagging). The test fold is never
-seen before its prediction.
+Inside each outer training fold only: features are standardised with that fold's statistics; a small grid
+(learning rate x weight decay, by default) is scored by inner 3-fold cross-validation on the training bags, the
+configuration and epoch with the best out-of-fold accuracy win (validation loss breaks ties); the test bags are
+predicted by the mean probability of that configuration's inner-fold models at that epoch (cross-validation
+bagging) or, with `final_seeds`, of models retrained on the whole training fold. The test fold is never seen
+before its prediction. Models are gated ABMIL (or plain/mean/max pooling) trained many-at-once (`stacked.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .metrics import mean_se
 from .stacked import StackedMIL, train_stacked
 
 POOLS = {"abmil-gated": "gated", "abmil": "plain", "mean": "mean", "max": "max"}
-DEFAULT_GRID: dict[str, list[float]] = {"lr": [5e-4, 2e-3], "weight_decay": [1e-4, 1e-2], "hidden": [64, 128]}
+DEFAULT_GRID: dict[str, list[float]] = {"lr": [1e-3, 3e-3], "weight_decay": [1e-2, 1e-1], "hidden": [64]}
 
 
 def machine_info() -> dict[str, Any]:
@@ -89,9 +90,9 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
 
 
 def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
-              grid: dict[str, list[float]] | None = None, inner_folds: int = 5, epochs: int = 40,
-              batch_size: int = 8, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
-              final_seeds: int = 5, criterion: str = "accuracy", threads: int | None = 1,
+              grid: dict[str, list[float]] | None = None, inner_folds: int = 3, epochs: int = 40,
+              batch_size: int = 4, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
+              final_seeds: int = 0, criterion: str = "accuracy", threads: int | None = 1,
               out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the protocol on a `label,bag_id,features...` CSV; print and return a summary dict.
 

@@ -7,6 +7,7 @@ rather than a misleading default such as 0.5.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -50,12 +51,14 @@ def classification_metrics(y_true: Any, prob: Any, n_classes: int) -> dict[str, 
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float).reshape(len(y), n_classes)
     pred = p.argmax(1)
-    out: dict[str, Any] = {
-        "n": len(y),
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
-        "f1": float(f1_score(y, pred, average="binary" if n_classes == 2 else "macro", zero_division=0)),
-    }
+    with warnings.catch_warnings():  # a fold may lack a class; sklearn warns, the value is still defined
+        warnings.simplefilter("ignore", UserWarning)
+        out: dict[str, Any] = {
+            "n": len(y),
+            "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+            "f1": float(f1_score(y, pred, average="binary" if n_classes == 2 else "macro", zero_division=0)),
+        }
     present = np.unique(y)
     if len(present) < 2:
         out["auc"], out["auc_undefined"] = float("nan"), f"only class {present.tolist()} present in this fold"

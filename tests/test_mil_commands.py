@@ -1,0 +1,56 @@
+"""The typer commands the root CLI registers: train / predict / bench-mil, run through typer's test runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from wsi_pipeline.mil import commands
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_mil_train import CLS_TASK, FAST, make_cohort  # noqa: E402
+
+app = typer.Typer()
+app.command("train")(commands.train)
+app.command("predict")(commands.predict)
+app.command("bench-mil")(commands.bench_mil)
+runner = CliRunner()
+
+
+def test_train_and_predict_commands(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=12)
+    config = tmp_path / "mil.yaml"
+    config.write_text(yaml.safe_dump({"tasks": [CLS_TASK], "train": FAST | {"epochs": 3}}))
+    out = tmp_path / "mil"
+    res = runner.invoke(app, ["train", "--sheet", str(sheet), "--features", str(feats), "--config", str(config),
+                              "--out", str(out), "--attention", str(tmp_path / "attention"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["task"] == "dx"
+    assert (out / "dx" / "summary.json").exists() and any((tmp_path / "attention" / "dx").glob("*.zarr"))
+    res = runner.invoke(app, ["predict", "--model", str(out / "dx"), "--features", str(feats),
+                              "--out", str(tmp_path / "pred.csv"), "P00-S0", "P01-S0"])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "pred.csv")["slide_id"].tolist() == ["P00-S0", "P01-S0"]
+    bad = runner.invoke(app, ["predict", "--model", str(tmp_path), "--features", str(feats),
+                              "--out", str(tmp_path / "x.csv"), "P00-S0"])
+    assert bad.exit_code == 1 and "no trained model" in bad.output
+
+
+def test_train_command_reports_bad_input_in_one_line(tmp_path):
+    sheet, feats = make_cohort(tmp_path, n_patients=6)
+    df = pd.read_csv(sheet)
+    df.loc[0, "slide_id"] = "MISSING"
+    df.to_csv(sheet, index=False)
+    config = tmp_path / "mil.json"
+    config.write_text(json.dumps({"tasks": [CLS_TASK], "train": FAST}))
+    res = runner.invoke(app, ["train", "--sheet", str(sheet), "--features", str(feats), "--config", str(config),
+                              "--out", str(tmp_path / "mil")])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "MISSING" in lines[0]
