@@ -35,7 +35,9 @@ PROFILE = REPO / "workflows" / "profiles" / "slurm"
 # Test-only overrides on top of the profile. This cluster has no slurmdbd, so `sacct` cannot answer: status
 # comes from squeue (finished jobs stay listed for MinJobAge=600s, above the plugin's 3 x init-seconds floor).
 # A 1 s first check keeps the run short; successful jobs' logs are kept as evidence (the default deletes them).
-SLURM_ARGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+ENCODE_MEM_MB = 3000  # the test node is small: the encode rule's default (16 GB) is lowered on the command line
+SLURM_ARGS = ("--set-resources", f"encode:mem_mb={ENCODE_MEM_MB}",
+              "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
               "--slurm-keep-successful-logs", "--latency-wait", "5")
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 
@@ -63,7 +65,9 @@ def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFact
     shutil.copy(broken_slide, wd / "broken.svs")
     # relative paths: they must resolve inside the SLURM job, whose working directory is this folder
     (wd / "samples.csv").write_text("slide_id,path\ncmu,cmu.svs\nbroken,broken.svs\n")
-    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n")
+    # One reader process: the encode job asks SLURM for num_workers + 1 CPUs and the test node may have only 2.
+    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n"
+                                 "encode:\n  num_workers: 1\n")
     run = _snakemake(slurm_cluster, wd)
     log = run.stdout + run.stderr
     (wd / "first_run.log").write_text(log)
@@ -74,23 +78,25 @@ def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFact
 def test_every_job_ran_as_a_slurm_job(slurm_run: tuple[Path, str], slurm_cluster: SlurmCluster) -> None:  # noqa: F811
     wd, log = slurm_run
     submitted = SUBMITTED.findall(log)
-    assert len(submitted) == 3, log[-3000:]  # tile x 2 + report; `all` is a local rule
-    comments = set()
+    comments = {}
     for job_id, job_log in submitted:
         info = slurm_cluster.job_info(job_id)
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
         assert info["Partition"] == "cpu" and info["NodeList"] == slurm_cluster.node
         assert Path(info["WorkDir"]) == wd  # the plugin runs each job in the workflow's folder
-        assert info["MinMemoryNode"] == "4000M"  # the rule's mem_mb reached sbatch --mem
-        comments.add(info["Comment"])
+        comments[info["Comment"]] = info
         # the plugin's per-job log: snakemake ran inside the allocation, as the jobstep executor
         text = Path(job_log).read_text()
         assert Path(job_log).parent.is_relative_to(wd / ".snakemake" / "slurm_logs")
         assert "--executor slurm-jobstep" in text and "Finished jobid: 0" in text, text[-2000:]
-    assert comments == {"rule_tile_wildcards_cmu", "rule_tile_wildcards_broken", "rule_report"}
-    assert sorted(p.relative_to(wd / ".snakemake" / "slurm_logs").parts[:2]
-                  for p in (wd / ".snakemake" / "slurm_logs").rglob("*.log")) == [
-        ("rule_report", f"{submitted[-1][0]}.log"), ("rule_tile", "broken"), ("rule_tile", "cmu")]
+    # one job per slide for tiling, one encode shard, the report (`all` is a local rule); nothing twice
+    expected = {"rule_tile_wildcards_cmu", "rule_tile_wildcards_broken", "rule_encode_wildcards_0-of-1", "rule_report"}
+    assert expected <= set(comments) and len(comments) == len(submitted), log[-3000:]
+    assert comments["rule_tile_wildcards_cmu"]["MinMemoryNode"] == "4000M"  # the rule's mem_mb reached sbatch --mem
+    assert comments["rule_encode_wildcards_0-of-1"]["MinMemoryNode"] == f"{ENCODE_MEM_MB}M"  # --set-resources
+    logged = {p.relative_to(wd / ".snakemake" / "slurm_logs").parts[0]
+              for p in (wd / ".snakemake" / "slurm_logs").rglob("*.log")}
+    assert {"rule_tile", "rule_encode", "rule_report"} <= logged
 
 
 def test_report_has_good_slide_ok_and_bad_slide_failed(slurm_run: tuple[Path, str]) -> None:

@@ -93,6 +93,23 @@ def test_tile_store_and_qc_of_a_good_slide(cohort_run: Path) -> None:
     assert not (res / "tiles" / "broken.zarr").exists()  # a failed slide leaves no store
 
 
+def test_encode_stage_wrote_features_for_good_slides_only(cohort_run: Path) -> None:
+    features = cohort_run / "results" / "features" / "stain-texture"  # the shipped config's encoder
+    tiles = zarr.open_group(str(cohort_run / "results" / "tiles" / "cmu.zarr"), mode="r")
+    store = zarr.open_group(str(features / "cmu.zarr"), mode="r")
+    assert store["features"].shape[0] == tiles["coords"].shape[0] and store["features"].dtype == np.float16
+    np.testing.assert_array_equal(store["coords"][:], tiles["coords"][:])
+    assert np.isfinite(store["features"][:].astype(np.float32)).all()
+    assert store.attrs["encoder"] == "stain-texture"
+    for sid in ("broken", "gone", "tcga_nompp"):
+        assert json.loads((features / f"{sid}.json").read_text())["status"] == "skipped"
+        assert not (features / f"{sid}.zarr").exists()
+    report = pd.read_csv(cohort_run / "results" / "report.csv", keep_default_na=False).set_index("slide_id")
+    assert report.loc["cmu", "encode_status"] == "ok" and report.loc["broken", "encode_status"] == "skipped"
+    run_config = (cohort_run / "results" / "run_config.yaml").read_text()
+    assert "stain-texture" in run_config and str(cohort_run / "samples.csv") in run_config
+
+
 def test_rerun_does_no_work_and_mpp_change_redoes_one_slide(cohort_run: Path) -> None:
     again = _snakemake(cohort_run, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

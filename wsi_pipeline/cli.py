@@ -69,18 +69,30 @@ def tile(
     typer.echo(f"{result['slide_id']}: {result['status']}, {result['n_tiles']} tiles")
 
 
+def _register_stage_commands() -> None:
+    from .encode_jobs import encode_shard_command
+    from .encode_stage import encode_command
+
+    app.command("encode")(encode_command)
+    app.command("encode-shard")(encode_shard_command)
+
+
+_register_stage_commands()
+
+
 @app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="results folder holding tiles/*.json")],
+    encoder: Annotated[str | None, typer.Option(help="also report features/ENCODER/*.json")] = None,
     fail_on_error: Annotated[bool, typer.Option(help="exit 1 if any slide failed")] = False,
 ) -> None:
     """Write results/report.csv and report.html from the per-slide sidecars; print failed slides."""
     from .qc import build_report, failure_summary
 
     sidecars = sorted((results / "tiles").glob("*.json"))
-    table = build_report(sidecars, results)
+    table = build_report(sidecars, results, encoder=encoder)
     typer.echo(failure_summary(table))
-    if fail_on_error and (table["status"] == "failed").any():
+    if fail_on_error and ((table["status"] == "failed") | (table["encode_status"] == "failed")).any():
         raise typer.Exit(code=1)
 
 

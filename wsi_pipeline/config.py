@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cohort import cohort_from_glob, read_sample_sheet
+from .encode_stage import EncodeParams
+from .encoders import EncoderConfig
 from .errors import ConfigError
 from .tiling import TilingParams
 from .tissue import TissueParams
@@ -31,6 +33,8 @@ class PipelineConfig(BaseModel):
     backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
     tiling: TilingParams = Field(default_factory=TilingParams)
     tissue: TissueParams = Field(default_factory=TissueParams)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encode: EncodeParams = Field(default_factory=EncodeParams)
 
     def cohort(self) -> pd.DataFrame:
         """The validated cohort table, indexed by slide_id: `samples` is a CSV sheet, or else a glob of slides."""

@@ -60,6 +60,9 @@ class EncodeParams(BaseModel):
     dtype: Literal["float16", "float32"] = Field("float16", description="stored feature dtype")
     split_threshold: int | None = Field(None, ge=1, description="split slides with more tiles than this across "
                                         "devices (default: the per-device fair share)")
+    jobs: int = Field(1, ge=1, le=10000, description="workflow jobs the cohort is split into (by tile count); "
+                      "on a cluster, one per GPU node")
+    gpus_per_job: int = Field(1, ge=1, le=64, description="GPUs each encode job uses (one model load each)")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

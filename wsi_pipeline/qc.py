@@ -18,7 +18,8 @@ QC_FINEST_MPP = 2.0  # never draw QC finer than this: small slides get a readabl
 
 REPORT_COLUMNS = [
     "slide_id", "status", "reason", "backend", "vendor", "mpp", "mpp_source", "width", "height",
-    "tissue_area_mm2", "n_tiles", "seconds", "thumbnail", "path",
+    "tissue_area_mm2", "n_tiles", "seconds", "encode_status", "encode_reason", "encode_tiles_per_s", "thumbnail",
+    "path",
 ]
 
 
@@ -57,8 +58,9 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def report_row(sidecar: dict[str, Any]) -> dict[str, Any]:
-    """One report row from a slide's tiling sidecar (`tiles/{slide_id}.json`)."""
+def report_row(sidecar: dict[str, Any], encode: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One report row from a slide's tiling sidecar (`tiles/{slide_id}.json`) and its encode sidecar, if any."""
+    encode = encode or {}
     info = sidecar.get("slide") or {}
     dims = info.get("dimensions") or [None, None]
     return {
@@ -74,15 +76,25 @@ def report_row(sidecar: dict[str, Any]) -> dict[str, Any]:
         "tissue_area_mm2": sidecar.get("tissue_area_mm2"),
         "n_tiles": sidecar.get("n_tiles", 0),
         "seconds": sidecar.get("seconds"),
+        "encode_status": encode.get("status"),
+        "encode_reason": encode.get("reason") or "",
+        "encode_tiles_per_s": encode.get("tiles_per_s"),
         "thumbnail": (sidecar.get("qc") or {}).get("thumbnail"),
         "path": sidecar.get("path"),
     }
 
 
-def build_report(sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Write `report.csv` and `report.html` into `out_dir` from tiling sidecars; returns the table."""
+def build_report(sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+                 encoder: str | None = None) -> pd.DataFrame:
+    """Write `report.csv` and `report.html` into `out_dir` (the results folder) from the tiling sidecars and, with
+    `encoder`, the encode sidecars `features/{encoder}/{slide_id}.json`; returns the table."""
     out_dir = Path(out_dir)
-    rows = [report_row(json.loads(Path(p).read_text())) for p in sidecars]
+    rows = []
+    for p in sidecars:
+        tiles = json.loads(Path(p).read_text())
+        enc_path = out_dir / "features" / encoder / f"{tiles['slide_id']}.json" if encoder else None
+        enc = json.loads(enc_path.read_text()) if enc_path is not None and enc_path.exists() else None
+        rows.append(report_row(tiles, enc))
     table = pd.DataFrame(rows, columns=REPORT_COLUMNS)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "report.csv.tmp"
@@ -98,6 +110,8 @@ def failure_summary(table: pd.DataFrame) -> str:
     lines = [f"{len(table)} slides: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
     for _, row in table[table["status"] == "failed"].iterrows():
         lines.append(f"  FAILED {row['slide_id']}: {row['reason']}")
+    for _, row in table[table["encode_status"] == "failed"].iterrows():
+        lines.append(f"  ENCODE FAILED {row['slide_id']}: {row['encode_reason']}")
     return "\n".join(lines)
 
 

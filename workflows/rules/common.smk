@@ -1,4 +1,5 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
+import sys
 from pathlib import Path
 
 from wsi_pipeline.config import load_config
@@ -7,6 +8,8 @@ CFG = load_config(config)
 COHORT = CFG.cohort()
 SLIDES = list(COHORT.index)
 RESULTS = Path(CFG.results)
+# Shell jobs run the CLI with the interpreter running Snakemake (the project's venv), whatever PATH says.
+WSI = f"{sys.executable} -m wsi_pipeline"
 
 
 wildcard_constraints:
@@ -26,3 +29,25 @@ def slide_input(wildcards):
 def slide_mpp(wildcards):
     value = COHORT.loc[wildcards.slide_id, "mpp"]
     return None if value != value else float(value)  # NaN -> None
+
+ENCODER = CFG.encoder.name
+FEATURES = RESULTS / "features" / ENCODER
+ENCODE_SHARDS = [f"{i}-of-{CFG.encode.jobs}" for i in range(CFG.encode.jobs)]
+
+
+def _uses_gpu():
+    if CFG.encode.device == "cpu":
+        return False
+    if CFG.encode.device == "auto":  # decided where the DAG is built: set encode.device: cuda on a cluster
+        import torch
+
+        return torch.cuda.is_available()
+    return True
+
+
+USE_GPU = _uses_gpu()
+
+# The effective config after --configfile/--config overrides, for shell jobs to read (and as a record of the run).
+from wsi_pipeline.encode_jobs import write_run_config
+
+RUN_CONFIG = write_run_config(CFG.model_dump(mode="json"), RESULTS / "run_config.yaml")

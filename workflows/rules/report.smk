@@ -3,14 +3,15 @@
 
 rule report:
     input:
-        expand(RESULTS / "tiles" / "{slide_id}.json", slide_id=SLIDES),
+        tiles=expand(RESULTS / "tiles" / "{slide_id}.json", slide_id=SLIDES),
+        encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
     output:
         csv=RESULTS / "report.csv",
         html=RESULTS / "report.html",
     run:
         from wsi_pipeline.qc import build_report, failure_summary
 
-        table = build_report(input, RESULTS)
+        table = build_report(input.tiles, RESULTS, encoder=ENCODER)
         print(failure_summary(table))
 
 
