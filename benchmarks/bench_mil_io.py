@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1152)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mil_io.json")
     args = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> None:
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         problem = Problem("classification", "ce", 2, ["a", "b"])
         cfg = TrainConfig(epochs=args.epochs, batch_size=1, max_instances=None, quiet=True, device=args.device,
-                          hidden_dim=128, attn_dim=128, class_weights=False)
+                          hidden_dim=128, attn_dim=128, class_weights=False, num_threads=args.threads)
         spec = model_spec(cfg, args.dim, problem)
         rows = []
         for name, store in (("in memory (fp16 arrays)", ArrayStore({k: v for k, v in arrays.items()})),

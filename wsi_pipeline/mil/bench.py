@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
 from ..errors import TrainingDataError
@@ -80,17 +81,17 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
         last = train_stacked(final, z, y, final_mask, np.full(final_seeds, grid[g_best]["lr"]),
                              np.full(final_seeds, grid[g_best]["weight_decay"]), int(e_best) + 1, batch_size,
                              max_instances, seed + 7)[-1]
-        prob = (1 / (1 + np.exp(-last[:, test]))).mean(0)
+        prob = expit(last[:, test]).mean(0)
     else:  # cross-validation bagging: the chosen configuration's inner-fold models at the chosen epoch
         rows = [m for m, (g, _) in enumerate(members) if g == g_best]
-        prob = (1 / (1 + np.exp(-logits[e_best][rows][:, test]))).mean(0)
+        prob = expit(logits[e_best][rows][:, test]).mean(0)
     pred = (prob > 0.5).astype(int)
     return {"accuracy": float((pred == y[test]).mean()), "config": grid[g_best], "epoch": int(e_best) + 1,
             "val_loss": float(per_cfg[e_best, g_best]), "prob": prob}
 
 
 def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
-              grid: dict[str, list[float]] | None = None, inner_folds: int = 3, epochs: int = 40,
+              grid: dict[str, list[float]] | None = None, inner_folds: int = 3, epochs: int = 20,
               batch_size: int = 4, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
               final_seeds: int = 0, criterion: str = "accuracy", threads: int | None = 1,
               out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
