@@ -81,7 +81,7 @@ def main() -> None:
         print(f"zarr / in-memory epoch time: {ratio:.2f}x")
         result = {"bags": args.bags, "tiles": args.tiles, "dim": args.dim, "epochs": args.epochs,
                   "disk_bytes": disk, "write_s": write_s, "rows": rows, "ratio_zarr_over_memory": ratio,
-                  "machine": machine_info() | {"device": info["device"],
+                  "machine": machine_info() | {"device": info["device"], "torch_threads": args.threads,
                                                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
                                                else None}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
