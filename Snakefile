@@ -10,10 +10,12 @@ configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
 include: "workflows/rules/common.smk"  # validated config, cohort table, output paths
 include: "workflows/rules/tile.smk"  # stage 1: tissue mask + tile grid + QC, one job per slide
 include: "workflows/rules/encode.smk"  # stage 2: tile embeddings, one Zarr store per slide, sharded jobs
+include: "workflows/rules/mil.smk"  # stage 3: attention-MIL per task and fold, summaries, heatmaps
 include: "workflows/rules/report.smk"  # cohort report (CSV + HTML) and failure summary
 
 
 rule all:
     input:
         rules.report.output,
+        expand(MIL / "{task}" / "summary.json", task=TASKS),
     default_target: True

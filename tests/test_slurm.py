@@ -67,7 +67,7 @@ def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFact
     (wd / "samples.csv").write_text("slide_id,path\ncmu,cmu.svs\nbroken,broken.svs\n")
     # One reader process: the encode job asks SLURM for num_workers + 1 CPUs and the test node may have only 2.
     (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n"
-                                 "encode:\n  num_workers: 1\n")
+                                 "encode:\n  num_workers: 1\nmil:\n  tasks: []\n")
     run = _snakemake(slurm_cluster, wd)
     log = run.stdout + run.stderr
     (wd / "first_run.log").write_text(log)

@@ -46,7 +46,8 @@ def cohort_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> P
         "folder,not_dicom,,a\n"
         "gone,gone.svs,,a\n"
     )
-    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n")
+    # stages 1-2 only: two usable slides are too few for cross-validation (tests/test_workflow_mil.py trains)
+    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\nmil:\n  tasks: []\n")
     run = _snakemake(wd)
     assert run.returncode == 0, run.stderr[-3000:]
     (wd / "first_run.log").write_text(run.stdout + run.stderr)
@@ -126,7 +127,8 @@ def test_rerun_does_no_work_and_mpp_change_redoes_one_slide(cohort_run: Path) ->
 
 def test_duplicate_slide_id_stops_before_any_work(tmp_path: Path, cmu_slide: Path) -> None:
     (tmp_path / "samples.csv").write_text(f"slide_id,path\nA,{cmu_slide}\nA,{cmu_slide}\n")
-    (tmp_path / "cfg.yaml").write_text(f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\n")
+    (tmp_path / "cfg.yaml").write_text(f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\n"
+                                       "mil:\n  tasks: []\n")
     run = _snakemake(tmp_path)
     assert run.returncode != 0
     assert "duplicate slide_id ['A']" in run.stdout + run.stderr

@@ -72,9 +72,18 @@ def tile(
 def _register_stage_commands() -> None:
     from .encode_jobs import encode_shard_command
     from .encode_stage import encode_command
+    from .mil import commands as mil_commands
+    from .mil import workflow as mil_workflow
 
     app.command("encode")(encode_command)
     app.command("encode-shard")(encode_shard_command)
+    app.command("train")(mil_commands.train)
+    app.command("predict")(mil_commands.predict)
+    app.command("bench-mil")(mil_commands.bench_mil)
+    app.command("mil-sheet")(mil_workflow.mil_sheet_command)
+    app.command("mil-splits")(mil_workflow.mil_splits_command)
+    app.command("mil-train")(mil_workflow.mil_train_command)
+    app.command("mil-evaluate")(mil_workflow.mil_evaluate_command)
 
 
 _register_stage_commands()

@@ -18,6 +18,7 @@ from .cohort import cohort_from_glob, read_sample_sheet
 from .encode_stage import EncodeParams
 from .encoders import EncoderConfig
 from .errors import ConfigError
+from .mil.workflow import MILConfig
 from .tiling import TilingParams
 from .tissue import TissueParams
 
@@ -35,6 +36,7 @@ class PipelineConfig(BaseModel):
     tissue: TissueParams = Field(default_factory=TissueParams)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     encode: EncodeParams = Field(default_factory=EncodeParams)
+    mil: MILConfig = Field(default_factory=MILConfig)
 
     def cohort(self) -> pd.DataFrame:
         """The validated cohort table, indexed by slide_id: `samples` is a CSV sheet, or else a glob of slides."""

@@ -505,7 +505,7 @@ def write_demo_cohort(
     """Small SVS slides in two visibly different classes with survival data; returns the sample sheet.
 
     Class 1 (high risk) has darker hematoxylin and ~3x the nuclei density, and shorter survival (exponential,
-    median ~9 months vs ~28), with uniform censoring. Patients have 1-2 slides sharing label and outcome.
+    median ~3 months vs ~42), with uniform censoring. Patients have 1-2 slides sharing label and outcome.
     The sheet (slide_id, path, patient_id, label, time, event) is also written to ``out_dir/samples.csv``."""
     import pandas as pd
 
@@ -516,7 +516,7 @@ def write_demo_cohort(
     while len(rows) < n_slides:
         label = patient % 2
         n = min(n_slides - len(rows), 1 + int(rng.uniform() < 0.4))
-        t_death = rng.exponential(13.0 if label else 40.0)
+        t_death = rng.exponential(4.0 if label else 60.0)
         t_censor = rng.uniform(6.0, 72.0)
         time, event = round(max(0.5, min(t_death, t_censor)), 1), int(t_death <= t_censor)
         for _ in range(n):

@@ -7,6 +7,8 @@ from wsi_pipeline.config import load_config
 CFG = load_config(config)
 COHORT = CFG.cohort()
 SLIDES = list(COHORT.index)
+# A changed sheet (labels, outcomes) must redo what reads it: stage 3 takes the sheet as an input.
+SAMPLE_SHEET = [CFG.samples] if CFG.samples.lower().endswith(".csv") else []
 RESULTS = Path(CFG.results)
 # Shell jobs run the CLI with the interpreter running Snakemake (the project's venv), whatever PATH says.
 WSI = f"{sys.executable} -m wsi_pipeline"
