@@ -103,14 +103,18 @@ def weights_digest(files: Iterable[Path]) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
 
     import wsi_pipeline
 
     out = {"wsi_pipeline": wsi_pipeline.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
-    for mod in ("transformers", "timm", "open_clip", "skimage"):
-        with contextlib.suppress(Exception):
-            out[mod] = __import__(mod).__version__
+    # Distribution metadata, not imports: importing transformers/open_clip just for a version costs seconds.
+    for key, dist in (("transformers", "transformers"), ("timm", "timm"), ("open_clip", "open_clip_torch"),
+                      ("skimage", "scikit-image")):
+        with contextlib.suppress(PackageNotFoundError):
+            out[key] = version(dist)
     return out
 
 
