@@ -21,7 +21,7 @@ from .qc import draw_qc_thumbnail, qc_mpp_for, write_png
 from .slide import Slide, default_slide_id, open_slide
 from .store import remove_stale_temporaries, write_json_atomic, write_tile_table
 from .tiling import TileGeometry, TilingParams, grid_coords, plan_geometry
-from .tissue import TissueMask, TissueParams, compute_tissue_mask
+from .tissue import TissueMask, TissueParams, compute_tissue_mask, write_geojson, write_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissu
     out.qc_dir.mkdir(parents=True, exist_ok=True)
     mask_png, geojson_path, thumb_png = (out.qc_dir / "mask.png", out.qc_dir / "tissue.geojson",
                                          out.qc_dir / "thumbnail.png")
-    from .tissue import write_geojson, write_mask_png
-
     write_mask_png(mask, mask_png)
     write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=out.slide_id)
     rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
