@@ -22,13 +22,14 @@ DEMO = REPO / "workflows" / "demo"
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("mil_demo")
     sheet = pd.read_csv(DEMO / "samples.csv")
-    sheet = sheet[sheet["slide_id"].str.startswith("demo_")].copy()
+    # the first 14 demo slides: 9 patients of both classes, enough for 2-fold CV and quick on 2 cores
+    sheet = sheet[sheet["slide_id"].str.startswith("demo_")].head(14).copy()
     sheet["path"] = [str(DEMO / p) for p in sheet["path"]]
     sheet.to_csv(wd / "samples.csv", index=False)
     (wd / "cfg.yaml").write_text(
         f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n"
         "encode:\n  num_workers: 0\n"
-        "mil:\n  train:\n    folds: 2\n    epochs: 15\n    bootstrap: 50\n    quiet: true\n  heatmap_top_k: 4\n")
+        "mil:\n  train:\n    folds: 2\n    epochs: 10\n    bootstrap: 50\n    quiet: true\n  heatmap_top_k: 4\n")
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(wd / "cfg.yaml")]
     run = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -60,7 +61,7 @@ def test_survival_task_reports_c_index_and_km(demo_run: Path) -> None:
 
 def test_attention_and_heatmaps(demo_run: Path) -> None:
     index = json.loads((demo_run / "mil" / "demo_class" / "heatmaps" / "index.json").read_text())
-    assert len(index) == 20  # every demo slide was a test slide once
+    assert len(index) == 14  # every slide was a test slide once
     sid, entry = next(iter(index.items()))
     assert Path(entry["heatmap"]).stat().st_size > 0 and len(entry["top_tiles"]) <= 4
     att = zarr.open_group(str(demo_run / "attention" / "demo_class" / f"{sid}.zarr"), mode="r")
