@@ -50,13 +50,14 @@ def test_same_training_code_on_csv_bags():
 def test_bench_mil_musk1_smoke(capsys, tmp_path):
     grid = {"lr": [2e-3], "weight_decay": [1e-2], "hidden": [64]}
     res = bench_mil(MUSK1, folds=2, repeats=1, seed=0, grid=grid, inner_folds=2, epochs=20, batch_size=4,
-                    final_seeds=2, out_json=tmp_path / "musk1.json")
+                    final_seeds=2, inner_seeds=2, out_json=tmp_path / "musk1.json")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["accuracy_mean"] == pytest.approx(res["accuracy_mean"]) and "accuracy_se" in summary
     assert res["accuracy_mean"] > 0.7  # chance is ~0.51
     saved = json.loads((tmp_path / "musk1.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["fold_accuracy"]) == 2
+    assert saved["selection"]["inner_seeds"] == 2
 
 
 def test_bad_instance_csv(tmp_path):

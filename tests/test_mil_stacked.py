@@ -52,3 +52,21 @@ def test_stacked_adamw_equals_torch_adamw():
             q.grad = g[m].clone()
             ref.step()
         assert torch.allclose(p[m], q, atol=1e-6)
+
+
+def test_stacked_deeper_encoder_member():
+    """With `embed` widths each member's instance encoder is an fc+ReLU stack; eval mode = plain matrix products."""
+    stacked = StackedMIL(2, 10, [8, 8], attn_dim=4, pool="gated", seed=3, embed=[12]).eval()
+    rng = np.random.default_rng(1)
+    bags = [rng.normal(size=(n, 10)).astype(np.float32) for n in (3, 5)]
+    x, seg = _concat(bags, np.arange(2))
+    logits = stacked(x, seg, 2)
+    with torch.no_grad():
+        for m in range(2):
+            for b, bag in enumerate(bags):
+                h = torch.relu(torch.from_numpy(bag) @ stacked.w1[m] + stacked.b1[m])
+                h = torch.relu(h @ stacked.deep_w[0][m] + stacked.deep_b[0][m])
+                a = torch.tanh(h @ stacked.v[m] + stacked.bv[m]) * torch.sigmoid(h @ stacked.u[m] + stacked.bu[m])
+                wgt = torch.softmax((a @ stacked.w[m]).squeeze(-1), 0)
+                ref = (wgt[:, None] * h).sum(0) @ stacked.c[m] + stacked.cb[m]
+                assert torch.allclose(ref.squeeze(), logits[m, b], atol=1e-5)

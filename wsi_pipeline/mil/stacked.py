@@ -4,7 +4,8 @@ The benchmark trains, per outer fold, a grid of hyper-parameters times inner fol
 few instances). One model at a time spends its time in per-step overhead, so here M independent models share each
 forward pass: weights carry a leading member axis, bags are concatenated instances with a segment index (no
 padding), and AdamW runs on the stacked tensors with a learning rate and weight decay per member.
-Same architecture as `models.ABMIL` (one fc+ReLU instance encoder, gated or plain attention, linear head).
+Same architecture as `models.ABMIL` (one fc+ReLU instance encoder, gated or plain attention, linear head); with
+`embed` widths the instance encoder is a deeper fc+ReLU(+dropout) stack, as in the MIL-benchmark model of Ilse et al.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class StackedMIL(torch.nn.Module):
     """M binary MIL classifiers: `forward(x, seg, n_bags)` -> logits (M, n_bags)."""
 
     def __init__(self, members: int, in_dim: int, hidden: list[int], attn_dim: int = 64, pool: str = "gated",
-                 dropout: list[float] | None = None, seed: int = 0) -> None:
+                 dropout: list[float] | None = None, seed: int = 0, embed: list[int] | None = None) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         h, m = max(hidden), members
@@ -30,7 +31,11 @@ class StackedMIL(torch.nn.Module):
             bound = 1 / math.sqrt(fan_in)
             return torch.nn.Parameter((torch.rand(*shape, generator=gen) * 2 - 1) * bound)
 
-        self.w1, self.b1 = uniform(m, in_dim, h, fan_in=in_dim), uniform(m, 1, h, fan_in=in_dim)
+        widths = [in_dim, *(embed or []), h]  # fc widths of the instance encoder; the last one is `hidden`
+        self.w1, self.b1 = uniform(m, in_dim, widths[1], fan_in=in_dim), uniform(m, 1, widths[1], fan_in=in_dim)
+        pairs = list(zip(widths[1:-1], widths[2:], strict=True))
+        self.deep_w = torch.nn.ParameterList([uniform(m, a, b, fan_in=a) for a, b in pairs])
+        self.deep_b = torch.nn.ParameterList([uniform(m, 1, b, fan_in=a) for a, b in pairs])
         self.v, self.bv = uniform(m, h, attn_dim, fan_in=h), uniform(m, 1, attn_dim, fan_in=h)
         self.u, self.bu = uniform(m, h, attn_dim, fan_in=h), uniform(m, 1, attn_dim, fan_in=h)
         self.w = uniform(m, attn_dim, 1, fan_in=attn_dim)
@@ -41,10 +46,10 @@ class StackedMIL(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor, n_bags: int, return_attention: bool = False):
         m = self.w1.shape[0]
-        h = torch.relu(torch.einsum("nd,mdh->mnh", x, self.w1) + self.b1) * self.hmask  # M,N,H
-        if self.training and float(self.drop.max()) > 0:  # inverted dropout with a rate per member
-            keep = (torch.rand_like(h) >= self.drop).float()
-            h = h * keep / (1 - self.drop)
+        h = torch.relu(torch.einsum("nd,mdh->mnh", x, self.w1) + self.b1)  # M,N,H
+        for w, b in zip(self.deep_w, self.deep_b, strict=True):
+            h = torch.relu(torch.baddbmm(b, self._dropout(h), w))
+        h = self._dropout(h * self.hmask)
         idx = seg.expand(m, -1)
         if self.pool in ("gated", "plain"):
             a = torch.tanh(torch.baddbmm(self.bv, h, self.v))
@@ -65,6 +70,13 @@ class StackedMIL(torch.nn.Module):
         pooled = torch.zeros(m, n_bags, h.shape[2], dtype=h.dtype).index_add(1, seg, wgt[..., None] * h)
         logits = (pooled * self.c[:, None]).sum(-1) + self.cb
         return (logits, wgt) if return_attention else logits
+
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:  # inverted dropout with a rate per member
+        if self.training and float(self.drop.max()) > 0:
+            keep = (torch.rand_like(h) >= self.drop).float()
+            h = h * keep / (1 - self.drop)
+        return h
 
 
 class StackedAdamW:
