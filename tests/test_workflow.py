@@ -87,7 +87,7 @@ def test_tile_store_and_qc_of_a_good_slide(cohort_run: Path) -> None:
         assert key in g.attrs, key
     assert g.attrs["mpp_source"] == "metadata"
     assert zarr.open_group(str(res / "tiles" / "tcga_mpp.zarr"), mode="r").attrs["mpp_source"] == "override"
-    for name in ("thumbnail.png", "mask.png", "tissue.geojson"):
+    for name in ("thumbnail.png", "thumbnail_plain.png", "mask.png", "tissue.geojson"):
         assert (res / "qc" / "cmu" / name).stat().st_size > 0
     geo = json.loads((res / "qc" / "cmu" / "tissue.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and geo["features"]

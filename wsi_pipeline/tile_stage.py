@@ -103,6 +103,8 @@ def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissu
     write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=out.slide_id)
     rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
     write_png(thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0))
+    plain_png = out.qc_dir / "thumbnail_plain.png"  # no drawings: the base for attention heatmaps
+    write_png(plain_png, qc_img)
 
     remove_stale_temporaries(out.store)
     attrs = _store_attrs(slide, geometry, out.slide_id, mask, tissue, tiling, status)
@@ -114,7 +116,8 @@ def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissu
         "tissue_area_mm2": float(mask.area_mm2),
         "geometry": geometry.to_dict(),
         "store": out.rel(out.store),
-        "qc": {"thumbnail": out.rel(thumb_png), "mask": out.rel(mask_png), "geojson": out.rel(geojson_path)},
+        "qc": {"thumbnail": out.rel(thumb_png), "thumbnail_plain": out.rel(plain_png), "mask": out.rel(mask_png),
+               "geojson": out.rel(geojson_path)},
     }
 
 

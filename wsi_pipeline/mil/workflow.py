@@ -103,7 +103,9 @@ def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
         tiles = zarr.open_group(str(results / "tiles" / f"{sid}.zarr"), mode="r")
         attrs = dict(tiles.attrs)
         coords = np.asarray(att["coords"][...]) if "coords" in att else np.asarray(tiles["coords"][...])
-        thumb_path = results / "qc" / sid / "thumbnail.png"
+        thumb_path = results / "qc" / sid / "thumbnail_plain.png"
+        if not thumb_path.exists():  # tiled by an earlier version: the QC thumbnail, drawings and all
+            thumb_path = thumb_path.with_name("thumbnail.png")
         thumb = cv2.cvtColor(cv2.imread(str(thumb_path)), cv2.COLOR_BGR2RGB)
         scale = thumb.shape[1] / float(attrs["slide_dimensions"][0])  # thumbnail px per level-0 px
         heat = attention_heatmap(thumb, coords, float(attrs["tile_size_level0"]), scores, scale)
