@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
 
 import tifffile
 
-from wsi_pipeline.synthetic import write_synthetic_slide
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
+
+from wsi_pipeline.synthetic import write_synthetic_slide  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 LARGE = CACHE / "large_40x.svs"
 PARAMS = {"width": 100_000, "height": 80_000, "mpp": 0.25, "fmt": "svs", "seed": 0, "tile_size": 256,
           "jpeg_quality": 80}
-
-
-def _machine() -> dict:
-    try:  # the generator is CPU-only; the device is recorded so results files share one shape
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        device = "n/a"
-    return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "torch_device": device}
 
 
 def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
@@ -59,7 +48,7 @@ def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
         "level_dimensions": spec.level_dimensions,
         "tissue_fraction": round(float(spec.truth_mask(64.0).mean()), 4),
         "tifffile": tifffile.__version__,
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     meta.write_text(json.dumps(result, indent=2))
     print(f"{'slide':<28}{'size (px)':>18}{'levels':>8}{'tiles':>10}{'GiB':>8}{'seconds':>10}")

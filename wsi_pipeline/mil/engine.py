@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..encode_stage import resolve_device  # one device rule for every stage
 from .bags import Bag, BagStore
 from .config import TrainConfig
 from .losses import cox_loss, cross_entropy, discrete_nll, hazard_risk, to_bin
@@ -36,12 +37,6 @@ class Problem:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "loss": self.loss, "n_out": self.n_out, "classes": self.classes,
                 "edges": self.edges, "class_weight": self.class_weight}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def set_seed(seed: int) -> None:

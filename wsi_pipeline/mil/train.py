@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, TrainingDataError
+from ..store import write_json_atomic
 from .bags import Bag, ZarrStore, bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig, as_task, as_train
 from .engine import Problem, fit, make_model, model_spec, predict_bags, resolve_device
@@ -40,9 +41,8 @@ def clean(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=1))
-    tmp.replace(path)
+    # Unique temporary names: the workflow's fold jobs run in parallel and each writes the task's config.json.
+    write_json_atomic(path, clean(obj))
 
 
 def make_problem(task: TaskConfig, cfg: TrainConfig, classes: list[str] | None, train: list[Bag]) -> Problem:
