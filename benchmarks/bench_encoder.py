@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
 import time
 from pathlib import Path
@@ -20,33 +18,9 @@ from pathlib import Path
 import torch
 
 from wsi_pipeline.encoders import EncoderConfig, build_encoder
+from wsi_pipeline.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -121,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:>24} bs={bs:<4} {row['tiles_per_s']:>10.2f} tiles/s  {row['ms_per_batch']:>10.1f} ms/batch"
                   f"  {row.get('peak_mem_gib', '-')} GiB", flush=True)
         del enc
-    report = {"benchmark": "encoder_throughput", "machine": machine(device), "quick": quick, "results": results}
+    report = {"benchmark": "encoder_throughput", "machine": machine_info(str(device)), "quick": quick,
+              "results": results}
     print()
     print(f"{'encoder':>24} {'batch':>6} {'tiles/s':>10} {'ms/batch':>10} {'precision':>9}")
     for r in results:

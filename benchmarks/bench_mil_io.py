@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 
+from wsi_pipeline.machine import machine_info
 from wsi_pipeline.mil.bags import ArrayStore, Bag, ZarrStore
-from wsi_pipeline.mil.bench import machine_info
 from wsi_pipeline.mil.config import TrainConfig
 from wsi_pipeline.mil.engine import Problem, fit, model_spec
 
@@ -81,9 +80,7 @@ def main() -> None:
         print(f"zarr / in-memory epoch time: {ratio:.2f}x")
         result = {"bags": args.bags, "tiles": args.tiles, "dim": args.dim, "epochs": args.epochs,
                   "disk_bytes": disk, "write_s": write_s, "rows": rows, "ratio_zarr_over_memory": ratio,
-                  "machine": machine_info() | {"device": info["device"], "torch_threads": args.threads,
-                                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-                                               else None}}
+                  "machine": machine_info(str(info["device"])) | {"torch_threads": args.threads}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     finally:

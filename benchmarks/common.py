@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.machine import machine_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
-                            "platform": platform.platform(), "python": sys.version.split()[0]}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        info["cpu_model"] = None
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        info["device"] = "cpu"
-    return info
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

@@ -58,6 +58,12 @@ def test_bench_mil_musk1_smoke(capsys, tmp_path):
     saved = json.loads((tmp_path / "musk1.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["fold_accuracy"]) == 2
     assert saved["selection"]["inner_seeds"] == 2
+    assert saved["machine"]["device"] == "cpu" and saved["machine"]["torch"] == torch.__version__
+    # every bag is tested exactly once per repeat, and the fold accuracies follow from those probabilities
+    prob = np.array(saved["test_probability"])
+    labels = np.array(saved["bag_labels"])
+    assert prob.shape == (1, 92) and np.isfinite(prob).all() and len(saved["bag_ids"]) == 92
+    assert ((prob[0] > 0.5) == labels).mean() == pytest.approx(res["accuracy_mean"], abs=0.02)
 
 
 def test_bad_instance_csv(tmp_path):

@@ -11,15 +11,10 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import PipelineError
+from .errors import PipelineError, exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images in; tiles, embeddings, MIL models and explanations out.")
-
-
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=1)
 
 
 @app.callback()
@@ -59,13 +54,13 @@ def tile(
         result = tile_slide(slide, out, slide_id=slide_id, mpp=mpp, backend=cfg.backend, tiling=tiling,
                             tissue=cfg.tissue)
     except PipelineError as err:
-        _fail(err)
+        exit_with_error(err)
         return
     except ValueError as err:  # pydantic validation of the overrides
-        _fail(PipelineError(f"invalid option: {err}"))
+        exit_with_error(PipelineError(f"invalid option: {err}"))
         return
     if result["status"] == STATUS_FAILED and not record_failures:
-        _fail(PipelineError(result["reason"]))
+        exit_with_error(PipelineError(result["reason"]))
     typer.echo(f"{result['slide_id']}: {result['status']}, {result['n_tiles']} tiles")
 
 
@@ -118,7 +113,7 @@ def export_h5_cmd(
     if slide_id:
         stores = [s for s in stores if s.stem in set(slide_id)]
     if not stores:
-        _fail(PipelineError(f"{results}/tiles: no tile stores found; run `wsi-pipeline tile` first"))
+        exit_with_error(PipelineError(f"{results}/tiles: no tile stores found; run `wsi-pipeline tile` first"))
     for store in stores:
         path = export_h5(store, out / "patches" / f"{store.stem}.h5")
         typer.echo(str(path))

@@ -15,9 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import platform
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
 from ..errors import TrainingDataError
+from ..machine import machine_info
 from .bags import load_instance_csv
 from .metrics import mean_se
 from .stacked import StackedMIL, train_stacked
@@ -35,12 +33,6 @@ from .stacked import StackedMIL, train_stacked
 POOLS = {"abmil-gated": "gated", "abmil": "plain", "mean": "mean", "max": "max"}
 # lr 3e-3: chosen by the inner CV in 75 of 100 outer folds of Musk1/Musk2 from the grid lr {1e-3, 3e-3}
 DEFAULT_GRID: dict[str, list[float]] = {"lr": [3e-3], "weight_decay": [1e-2, 1e-1], "hidden": [64]}
-
-
-def machine_info() -> dict[str, Any]:
-    return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "device": "cpu"}
 
 
 def _bce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -65,7 +57,7 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
         train_mask[m, train[inner[k][0]]] = True
         val_mask[m, train[inner[k][1]]] = True
     model = StackedMIL(len(members), z[0].shape[1], [int(grid[g]["hidden"]) for g, _ in members], attn_dim,
-                       pool, [dropout] * len(members), seed, embed)
+                       pool, [float(grid[g].get("dropout", dropout)) for g, _ in members], seed, embed)
     lr = np.array([grid[g]["lr"] for g, _ in members])
     wd = np.array([grid[g]["weight_decay"] for g, _ in members])
     logits = train_stacked(model, z, y, train_mask, lr, wd, epochs, batch_size, max_instances, seed)  # E,M,B
@@ -81,7 +73,7 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
         final_mask = np.zeros((final_seeds, len(bags)), dtype=bool)
         final_mask[:, train] = True
         final = StackedMIL(final_seeds, z[0].shape[1], [int(grid[g_best]["hidden"])] * final_seeds, attn_dim, pool,
-                           [dropout] * final_seeds, seed + 7, embed)
+                           [float(grid[g_best].get("dropout", dropout))] * final_seeds, seed + 7, embed)
         last = train_stacked(final, z, y, final_mask, np.full(final_seeds, grid[g_best]["lr"]),
                              np.full(final_seeds, grid[g_best]["weight_decay"]), int(e_best) + 1, batch_size,
                              max_instances, seed + 7)[-1]
@@ -130,6 +122,7 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
     grid = grid or DEFAULT_GRID
     configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     fold_acc, repeat_acc, chosen = [], [], []
+    oof = np.full((repeats, len(y)), np.nan)  # each bag's test-fold probability, per repeat
     for r in range(repeats):
         outer = StratifiedKFold(folds, shuffle=True, random_state=seed + r)
         correct = 0
@@ -138,6 +131,7 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
                              max_instances, attn_dim, dropout, seed=seed + 1000 * r + k, criterion=criterion,
                              final_seeds=final_seeds, embed=embed, inner_seeds=inner_seeds)
             fold_acc.append(res["accuracy"])
+            oof[r, test] = res["prob"]
             correct += res["accuracy"] * len(test)
             chosen.append({"repeat": r, "fold": k, **res["config"], "epoch": res["epoch"]})
         repeat_acc.append(correct / len(y))
@@ -151,12 +145,13 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
         "bags": len(bags), "instances": int(sum(len(b) for b in bags)), "features": int(bags[0].shape[1]),
         "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se,
         "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
+        "bag_ids": [b.bag_id for b in bag_list], "bag_labels": y.tolist(), "test_probability": oof.round(4).tolist(),
         "selection": {"grid": grid, "inner_folds": inner_folds, "criterion": criterion, "final_seeds": final_seeds,
                       "max_epochs": epochs, "batch_size": batch_size,
                       "max_instances_train": max_instances, "attn_dim": attn_dim, "dropout": dropout,
                       "embed": embed, "inner_seeds": inner_seeds,
                       "chosen": chosen},
-        "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
+        "seconds": round(time.perf_counter() - start, 1), "machine": machine_info("cpu"),
     }
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from ..errors import PipelineError
+from ..errors import PipelineError, exit_with_error
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -18,11 +18,6 @@ def _load_config(path: Path) -> dict[str, Any]:
 
         return yaml.safe_load(text) or {}
     return json.loads(text)
-
-
-def _fail(exc: PipelineError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=1) from exc
 
 
 def train(
@@ -50,7 +45,7 @@ def train(
             res = train_task(sheet, features, t, train_cfg, out / t["name"], fold=fold, attention_dir=att)
             typer.echo(json.dumps({"task": res["task"], "summary": (res["summary"] or {}).get("metrics")}))
     except PipelineError as exc:
-        _fail(exc)
+        exit_with_error(exc)
 
 
 def predict(
@@ -66,7 +61,7 @@ def predict(
     try:
         df = run_predict(model, features, ids, out)
     except PipelineError as exc:
-        _fail(exc)
+        exit_with_error(exc)
     typer.echo(f"wrote {len(df)} predictions to {out}")
 
 
@@ -84,4 +79,4 @@ def bench_mil(
     try:
         run_bench(csv, folds=folds, repeats=repeats, model=model, seed=seed, out_json=out_json)
     except PipelineError as exc:
-        _fail(exc)
+        exit_with_error(exc)
