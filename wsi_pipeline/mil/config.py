@@ -70,6 +70,7 @@ class TrainConfig(BaseModel):
     amp: bool = True  # mixed precision on GPU only
     standardize: bool = False  # z-score features with training-fold statistics
     cache_bytes: int = Field(2 * 1024**3, ge=0)  # in-memory bag cache; 0 disables
+    loader_threads: int = Field(2, ge=0)  # threads reading the next bags while the model trains; 0 = in line
     num_threads: int | None = None
     quiet: bool = False
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals in the summary

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..encode_stage import resolve_device  # one device rule for every stage
-from .bags import Bag, BagStore
+from .bags import Bag, BagStore, prefetch
 from .config import TrainConfig
 from .losses import cox_loss, cross_entropy, discrete_nll, hazard_risk, to_bin
 from .metrics import c_index, classification_metrics
@@ -69,12 +69,12 @@ def make_model(spec: dict[str, Any]) -> torch.nn.Module:
     return Normalized(core, int(spec["in_dim"])) if spec.get("standardize") else core
 
 
-def feature_stats(store: BagStore, bags: list[Bag]) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(store: BagStore, bags: list[Bag], threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over all training instances, streamed bag by bag (float64 sums)."""
     total = sq = None
     n = 0
-    for bag in bags:
-        x = store.load(bag).astype(np.float64)
+    for features in prefetch(store, bags, threads):
+        x = features.astype(np.float64)
         total = x.sum(0) if total is None else total + x.sum(0)
         sq = (x**2).sum(0) if sq is None else sq + (x**2).sum(0)
         n += len(x)
@@ -135,13 +135,13 @@ def outputs_to_scores(logits: torch.Tensor, problem: Problem) -> np.ndarray:
 
 @torch.no_grad()
 def predict_bags(model: torch.nn.Module, store: BagStore, bags: list[Bag], problem: Problem,
-                 device: torch.device, attention: bool = False, amp: bool = True) -> dict[str, Any]:
+                 device: torch.device, attention: bool = False, amp: bool = True, threads: int = 2) -> dict[str, Any]:
     """Scores for each bag (one bag per forward pass: no padding, any bag size) and optionally attention."""
     model.eval()
     scores, attn, logits_all = [], [], []
     use_amp = amp and device.type == "cuda"
-    for bag in bags:
-        x = torch.from_numpy(store.load(bag)).to(device)
+    for features in prefetch(store, bags, threads):
+        x = torch.from_numpy(features).to(device)
         with torch.autocast(device.type, enabled=use_amp):
             out = model(x, None, return_attention=attention)
         logits = out[0] if attention else out
@@ -187,7 +187,7 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
     device = resolve_device(cfg.device)
     model = make_model(spec)
     if spec.get("standardize"):
-        mean, std = feature_stats(store, train)
+        mean, std = feature_stats(store, train, cfg.loader_threads)
         model.mean.copy_(torch.from_numpy(mean))
         model.std.copy_(torch.from_numpy(std))
     model.to(device)
@@ -206,11 +206,12 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
         for epoch in range(cfg.epochs):
             model.train()
             order = rng.permutation(len(train))
+            reader = prefetch(store, [train[i] for i in order], cfg.loader_threads)
             total = 0.0
             for s in range(steps_per_epoch):
                 chunk = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                arrays = [sample_instances(store.load(b), rng, cfg.max_instances, cfg.instance_dropout)
-                          for b in chunk]
+                arrays = [sample_instances(next(reader), rng, cfg.max_instances, cfg.instance_dropout)
+                          for _ in chunk]
                 x, mask = collate(arrays)
                 tgt = {k: v.to(device) for k, v in _targets(chunk, problem).items()}
                 with torch.autocast(device.type, enabled=use_amp):
@@ -224,7 +225,7 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
                 total += float(loss.detach()) * len(chunk)
             record = {"epoch": epoch + 1, "train_loss": total / len(train)}
             if val:
-                pred = predict_bags(model, store, val, problem, device, amp=cfg.amp)
+                pred = predict_bags(model, store, val, problem, device, amp=cfg.amp, threads=cfg.loader_threads)
                 ev = evaluate(pred["scores"], pred["logits"], val, problem, cfg.nll_alpha)
                 record |= {"val_loss": ev["loss"], "val_metric": ev["metric"]}
                 metric = ev["metric"] if monitor == "metric" and math.isfinite(ev["metric"]) else -math.inf

@@ -165,7 +165,8 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
         fold_cfg = cfg.model_copy(update={"seed": cfg.seed + entry["index"]})
         label = f"{task.name} fold {entry['index'] + 1}/{n_splits}"
         model, info = fit(spec, store, train, val, problem, fold_cfg, label=label)
-        pred = predict_bags(model, store, test, problem, device, attention=True, amp=cfg.amp)
+        pred = predict_bags(model, store, test, problem, device, attention=True, amp=cfg.amp,
+                             threads=cfg.loader_threads)
         table = _prediction_rows(test, pred["scores"], problem, entry)
         table.to_csv(fold_dir / "predictions.csv", index=False)
         meta = {"task": task.name, "index": entry["index"], "seed": entry["seed"], "fold": entry["fold"]}
