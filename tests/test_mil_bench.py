@@ -50,20 +50,34 @@ def test_same_training_code_on_csv_bags():
 def test_bench_mil_musk1_smoke(capsys, tmp_path):
     grid = {"lr": [2e-3], "weight_decay": [1e-2], "hidden": [64]}
     res = bench_mil(MUSK1, folds=2, repeats=1, seed=0, grid=grid, inner_folds=2, epochs=20, batch_size=4,
-                    final_seeds=2, inner_seeds=2, out_json=tmp_path / "musk1.json")
+                    inner_seeds=2, out_json=tmp_path / "musk1.json")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["accuracy_mean"] == pytest.approx(res["accuracy_mean"]) and "accuracy_se" in summary
     assert res["accuracy_mean"] > 0.7  # chance is ~0.51
     saved = json.loads((tmp_path / "musk1.json").read_text())
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["fold_accuracy"]) == 2
-    assert saved["selection"]["inner_seeds"] == 2
+    assert saved["recipe"]["inner_seeds"] == 2 and saved["recipe"]["readout"] == "average"
+    assert all(0.5 < f["oof_accuracy"] <= 1 for f in saved["per_fold"])  # held-out score inside the training fold
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["torch"] == torch.__version__
     # every bag is tested exactly once per repeat, and the fold accuracies follow from those probabilities
     prob = np.array(saved["test_probability"])
     labels = np.array(saved["bag_labels"])
     assert prob.shape == (1, 92) and np.isfinite(prob).all() and len(saved["bag_ids"]) == 92
     assert ((prob[0] > 0.5) == labels).mean() == pytest.approx(res["accuracy_mean"], abs=0.02)
+
+
+@needs_musk
+def test_bench_mil_select_readout_reports_its_choices(capsys):
+    """The 'select' read-out picks a configuration and epoch per outer fold from inner-CV scores only."""
+    grid = {"lr": [2e-3], "weight_decay": [1e-2, 1e-1], "hidden": [32]}
+    res = bench_mil(MUSK1, folds=2, repeats=1, seed=1, grid=grid, inner_folds=2, epochs=8, readout="select",
+                    final_seeds=2, inner_seeds=1, quiet=True)
+    assert res["accuracy_mean"] > 0.6
+    for fold in res["per_fold"]:
+        assert fold["config"]["weight_decay"] in (1e-2, 1e-1) and 1 <= fold["epoch"] <= 8
+    with pytest.raises(TrainingDataError, match="readout"):
+        bench_mil(MUSK1, readout="best")
 
 
 def test_bad_instance_csv(tmp_path):

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import typer
 import yaml
@@ -54,3 +55,21 @@ def test_train_command_reports_bad_input_in_one_line(tmp_path):
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "MISSING" in lines[0]
+
+
+def test_bench_mil_command_prints_json_last_and_rejects_a_bad_readout(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for bag in range(40):  # a positive bag holds one shifted instance (the standard MIL assumption)
+        label = bag % 2
+        x = rng.normal(size=(int(rng.integers(3, 8)), 6))
+        x[0, :2] += 4.0 * label
+        rows += [f"{label},{bag}," + ",".join(f"{v:.5f}" for v in inst) for inst in x]
+    csv = tmp_path / "toy.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    res = runner.invoke(app, ["bench-mil", str(csv), "--folds", "2", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["accuracy_mean"] > 0.8 and summary["accuracy_se"] >= 0
+    bad = runner.invoke(app, ["bench-mil", str(csv), "--readout", "best"])
+    assert bad.exit_code == 1 and "readout is 'average' or 'select'" in bad.output

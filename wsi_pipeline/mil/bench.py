@@ -1,13 +1,13 @@
 """Classic-MIL benchmark (Ilse et al. 2018 protocol): 10-fold CV repeated 5 times, bag accuracy, mean +- SE.
 
-Inside each outer training fold only: features are standardised with that fold's statistics; a small grid
-(learning rate x weight decay, by default) is scored by inner 3-fold cross-validation on the training bags, the
-configuration and epoch with the best out-of-fold accuracy win (validation loss breaks ties); the test bags are
-predicted by the mean probability of that configuration's inner-fold models at that epoch (cross-validation
-bagging; each inner fold is trained from `inner_seeds` initialisations, so the ensemble has inner_folds x
-inner_seeds models and the out-of-fold scores average over initialisations) or, with `final_seeds`, of models
-retrained on the whole training fold (worse on Musk1 in a 2-repeat pilot: 0.827 vs 0.865). The test fold is never seen
-before its prediction. Models are gated ABMIL (or plain/mean/max pooling) trained many-at-once (`stacked.py`).
+Inside each outer training fold only: features are standardised with that fold's statistics and an ensemble is
+trained on the training bags: every configuration of a small grid (weight decay, by default) x inner 3-fold
+cross-validation splits x `inner_seeds` initialisations, each member on its inner-training part (bagging).
+The test bags are scored by the mean probability of all members at the end of their schedule (readout "average":
+nothing is chosen, so nothing can be chosen on the test fold). Readout "select" instead keeps the configuration and
+epoch with the best out-of-fold `criterion` (and optionally retrains it on the whole fold, `final_seeds`); on Musk1
+and Musk2 that selection was the weaker read-out (benchmarks/RESULTS.md). Models are gated ABMIL (or plain/mean/max
+pooling) trained many-at-once (`stacked.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
+from .. import __version__
 from ..errors import TrainingDataError
 from ..machine import machine_info
 from .bags import load_instance_csv
@@ -43,8 +44,12 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
                grid: list[dict[str, float]], inner_folds: int, epochs: int, batch_size: int,
                max_instances: int | None, attn_dim: int, dropout: float, seed: int,
                criterion: str = "loss", final_seeds: int = 0, embed: list[int] | None = None,
-               inner_seeds: int = 1) -> dict[str, Any]:
-    """One outer fold: inner-CV model selection on `train`, predictions for `test`."""
+               inner_seeds: int = 1, readout: str = "average") -> dict[str, Any]:
+    """One outer fold: an ensemble trained on `train` only (inner folds x grid x seeds), predictions for `test`.
+
+    readout "average": the mean probability of every member at its last epoch; "select": the configuration and
+    epoch with the best out-of-fold `criterion`, then that configuration's inner-fold models (or `final_seeds`).
+    """
     inst = np.concatenate([bags[i] for i in train]).astype(np.float64)
     mean, std = inst.mean(0), inst.std(0)
     std[std < 1e-8] = 1.0
@@ -61,6 +66,11 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
     lr = np.array([grid[g]["lr"] for g, _ in members])
     wd = np.array([grid[g]["weight_decay"] for g, _ in members])
     logits = train_stacked(model, z, y, train_mask, lr, wd, epochs, batch_size, max_instances, seed)  # E,M,B
+    if readout == "average":  # no choice at all: every member at the end of its schedule
+        prob = expit(logits[-1][:, test]).mean(0)
+        oof = (expit(logits[-1]) * val_mask).sum(0)[train] / val_mask.sum(0)[train]  # each bag's held-out models
+        return {"accuracy": float(((prob > 0.5) == y[test]).mean()), "config": "all", "epoch": epochs,
+                "oof_accuracy": float(((oof > 0.5) == y[train]).mean()), "prob": prob}
     # out-of-fold validation loss per (config, epoch): every training bag is validated once per config
     val_loss = (_bce(logits, y[None, None]) * val_mask[None]).sum(2)  # E,M
     per_cfg = val_loss.reshape(epochs, len(grid), -1).sum(2) / (len(train) * inner_seeds)  # E,G
@@ -89,9 +99,9 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
 def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
               grid: dict[str, list[float]] | None = None, inner_folds: int = 3, epochs: int = 20,
               batch_size: int = 4, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
-              final_seeds: int = 0, criterion: str = "accuracy", embed: list[int] | None = None,
-              inner_seeds: int = 3, threads: int | None = 1, out_json: str | Path | None = None,
-              quiet: bool = False) -> dict[str, Any]:
+              readout: str = "average", final_seeds: int = 0, criterion: str = "accuracy",
+              embed: list[int] | None = None, inner_seeds: int = 3, threads: int | None = 1,
+              out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the protocol on a `label,bag_id,features...` CSV; print and return a summary dict.
 
     The last printed line is one JSON object with at least `accuracy_mean` and `accuracy_se` (SE over the
@@ -99,41 +109,42 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
     """
     if model not in POOLS:
         raise TrainingDataError(f"bench_mil supports models {sorted(POOLS)}, not {model!r}")
+    if readout not in ("average", "select"):
+        raise TrainingDataError(f"bench_mil readout is 'average' or 'select', not {readout!r}")
+    recipe = {"grid": grid or DEFAULT_GRID, "inner_folds": inner_folds, "inner_seeds": inner_seeds, "epochs": epochs,
+              "batch_size": batch_size, "max_instances": max_instances, "attn_dim": attn_dim, "dropout": dropout,
+              "embed": embed, "readout": readout, "criterion": criterion, "final_seeds": final_seeds}
     previous = torch.get_num_threads()
     if threads:  # small stacked models: one thread avoids contention on a shared CPU
         torch.set_num_threads(threads)
     try:
-        return _bench(csv_path, folds, repeats, model, seed, grid, inner_folds, epochs, batch_size, max_instances,
-                      attn_dim, dropout, final_seeds, criterion, embed, inner_seeds, out_json, quiet)
+        return _bench(csv_path, folds, repeats, model, seed, recipe, out_json, quiet)
     finally:
         torch.set_num_threads(previous)
 
 
-def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int,
-           grid: dict[str, list[float]] | None, inner_folds: int, epochs: int, batch_size: int,
-           max_instances: int | None, attn_dim: int, dropout: float, final_seeds: int, criterion: str,
-           embed: list[int] | None, inner_seeds: int, out_json: str | Path | None, quiet: bool) -> dict[str, Any]:
+def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int, recipe: dict[str, Any],
+           out_json: str | Path | None, quiet: bool) -> dict[str, Any]:
     start = time.perf_counter()
     bag_list, store = load_instance_csv(csv_path)
     bags = [store.load(b) for b in bag_list]
     y = np.array([b.label for b in bag_list])
     if set(np.unique(y)) - {0, 1}:
         raise TrainingDataError(f"{csv_path}: bench_mil needs binary bag labels 0/1, got {np.unique(y).tolist()}")
-    grid = grid or DEFAULT_GRID
+    grid = recipe["grid"]
     configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    fold_acc, repeat_acc, chosen = [], [], []
+    fold_args = {k: v for k, v in recipe.items() if k != "grid"}
+    fold_acc, repeat_acc, per_fold = [], [], []
     oof = np.full((repeats, len(y)), np.nan)  # each bag's test-fold probability, per repeat
     for r in range(repeats):
         outer = StratifiedKFold(folds, shuffle=True, random_state=seed + r)
         correct = 0
         for k, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
-            res = outer_fold(bags, y, train, test, POOLS[model], configs, inner_folds, epochs, batch_size,
-                             max_instances, attn_dim, dropout, seed=seed + 1000 * r + k, criterion=criterion,
-                             final_seeds=final_seeds, embed=embed, inner_seeds=inner_seeds)
+            res = outer_fold(bags, y, train, test, POOLS[model], configs, seed=seed + 1000 * r + k, **fold_args)
             fold_acc.append(res["accuracy"])
             oof[r, test] = res["prob"]
             correct += res["accuracy"] * len(test)
-            chosen.append({"repeat": r, "fold": k, **res["config"], "epoch": res["epoch"]})
+            per_fold.append({"repeat": r, "fold": k, **{key: v for key, v in res.items() if key != "prob"}})
         repeat_acc.append(correct / len(y))
         if not quiet:
             print(f"{Path(csv_path).stem} repeat {r + 1}/{repeats}: accuracy {repeat_acc[-1]:.4f} "
@@ -146,11 +157,7 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
         "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se,
         "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
         "bag_ids": [b.bag_id for b in bag_list], "bag_labels": y.tolist(), "test_probability": oof.round(4).tolist(),
-        "selection": {"grid": grid, "inner_folds": inner_folds, "criterion": criterion, "final_seeds": final_seeds,
-                      "max_epochs": epochs, "batch_size": batch_size,
-                      "max_instances_train": max_instances, "attn_dim": attn_dim, "dropout": dropout,
-                      "embed": embed, "inner_seeds": inner_seeds,
-                      "chosen": chosen},
+        "recipe": recipe, "per_fold": per_fold, "package_version": __version__,
         "seconds": round(time.perf_counter() - start, 1), "machine": machine_info("cpu"),
     }
     if out_json:

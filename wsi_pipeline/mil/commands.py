@@ -71,12 +71,14 @@ def bench_mil(
     repeats: int = typer.Option(5),
     model: str = typer.Option("abmil-gated", help="abmil-gated, abmil, mean or max"),
     seed: int = typer.Option(0),
+    readout: str = typer.Option("average", help="average: mean of every ensemble member; select: the inner-CV "
+                                "winner's configuration and epoch"),
     out_json: Path | None = typer.Option(None, help="also write the full results JSON here"),
 ) -> None:
     """Classic MIL benchmark (Ilse et al. 2018 protocol); the last line printed is a JSON summary."""
     from .bench import bench_mil as run_bench
 
     try:
-        run_bench(csv, folds=folds, repeats=repeats, model=model, seed=seed, out_json=out_json)
+        run_bench(csv, folds=folds, repeats=repeats, model=model, seed=seed, readout=readout, out_json=out_json)
     except PipelineError as exc:
         exit_with_error(exc)
