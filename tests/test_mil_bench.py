@@ -59,6 +59,9 @@ def test_bench_mil_musk1_smoke(capsys, tmp_path):
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["fold_accuracy"]) == 2
     assert saved["recipe"]["inner_seeds"] == 2 and saved["recipe"]["readout"] == "average"
     assert all(0.5 < f["oof_accuracy"] <= 1 for f in saved["per_fold"])  # held-out score inside the training fold
+    # the same run scores the inner-CV selection on the same trained models, for comparison
+    assert summary["select_accuracy_mean"] == pytest.approx(np.mean([f["select_accuracy"] for f in saved["per_fold"]]))
+    assert all(1 <= f["select_epoch"] <= 20 for f in saved["per_fold"])
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["torch"] == torch.__version__
     # every bag is tested exactly once per repeat, and the fold accuracies follow from those probabilities
     prob = np.array(saved["test_probability"])

@@ -66,12 +66,8 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
     lr = np.array([grid[g]["lr"] for g, _ in members])
     wd = np.array([grid[g]["weight_decay"] for g, _ in members])
     logits = train_stacked(model, z, y, train_mask, lr, wd, epochs, batch_size, max_instances, seed)  # E,M,B
-    if readout == "average":  # no choice at all: every member at the end of its schedule
-        prob = expit(logits[-1][:, test]).mean(0)
-        oof = (expit(logits[-1]) * val_mask).sum(0)[train] / val_mask.sum(0)[train]  # each bag's held-out models
-        return {"accuracy": float(((prob > 0.5) == y[test]).mean()), "config": "all", "epoch": epochs,
-                "oof_accuracy": float(((oof > 0.5) == y[train]).mean()), "prob": prob}
-    # out-of-fold validation loss per (config, epoch): every training bag is validated once per config
+    # the "select" choice: configuration and epoch with the best out-of-fold score (every training bag is validated
+    # once per configuration and seed); computed for either read-out, so one run compares the two on the same models
     val_loss = (_bce(logits, y[None, None]) * val_mask[None]).sum(2)  # E,M
     per_cfg = val_loss.reshape(epochs, len(grid), -1).sum(2) / (len(train) * inner_seeds)  # E,G
     score = per_cfg
@@ -79,6 +75,17 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
         wrong = (((logits > 0) != y[None, None]) * val_mask[None]).sum(2)
         score = wrong.reshape(epochs, len(grid), -1).sum(2) / (len(train) * inner_seeds) + 1e-3 * per_cfg
     e_best, g_best = np.unravel_index(np.argmin(score), score.shape)
+    rows = [m for m, (g, _) in enumerate(members) if g == g_best]
+    selected = expit(logits[e_best][rows][:, test]).mean(0)  # cross-validation bagging of the chosen configuration
+    choice = {"config": grid[g_best], "epoch": int(e_best) + 1, "val_loss": float(per_cfg[e_best, g_best])}
+    if readout == "average":  # no choice at all: every member at the end of its schedule
+        prob = expit(logits[-1][:, test]).mean(0)
+        oof = (expit(logits[-1]) * val_mask).sum(0)[train] / val_mask.sum(0)[train]  # each bag's held-out models
+        return {"accuracy": float(((prob > 0.5) == y[test]).mean()), "config": "all", "epoch": epochs,
+                "oof_accuracy": float(((oof > 0.5) == y[train]).mean()), "prob": prob,
+                "select_accuracy": float(((selected > 0.5) == y[test]).mean()),
+                **{f"select_{k}": v for k, v in choice.items()}}
+    prob = selected
     if final_seeds:  # retrain the chosen configuration on the whole training fold, several initialisations
         final_mask = np.zeros((final_seeds, len(bags)), dtype=bool)
         final_mask[:, train] = True
@@ -88,12 +95,7 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
                              np.full(final_seeds, grid[g_best]["weight_decay"]), int(e_best) + 1, batch_size,
                              max_instances, seed + 7)[-1]
         prob = expit(last[:, test]).mean(0)
-    else:  # cross-validation bagging: the chosen configuration's inner-fold models at the chosen epoch
-        rows = [m for m, (g, _) in enumerate(members) if g == g_best]
-        prob = expit(logits[e_best][rows][:, test]).mean(0)
-    pred = (prob > 0.5).astype(int)
-    return {"accuracy": float((pred == y[test]).mean()), "config": grid[g_best], "epoch": int(e_best) + 1,
-            "val_loss": float(per_cfg[e_best, g_best]), "prob": prob}
+    return {"accuracy": float(((prob > 0.5) == y[test]).mean()), **choice, "prob": prob}
 
 
 def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
@@ -151,10 +153,14 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     acc_mean, acc_se = mean_se(fold_acc)
     _, rep_se = mean_se(repeat_acc)
+    compare = {}
+    if recipe["readout"] == "average":  # what inner-CV selection would have scored with the same trained models
+        sel_mean, sel_se = mean_se([f["select_accuracy"] for f in per_fold])
+        compare = {"select_accuracy_mean": sel_mean, "select_accuracy_se": sel_se}
     summary = {
         "dataset": Path(csv_path).stem, "model": model, "protocol": f"{folds}-fold CV x {repeats} repeats",
         "bags": len(bags), "instances": int(sum(len(b) for b in bags)), "features": int(bags[0].shape[1]),
-        "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se,
+        "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se, **compare,
         "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
         "bag_ids": [b.bag_id for b in bag_list], "bag_labels": y.tolist(), "test_probability": oof.round(4).tolist(),
         "recipe": recipe, "per_fold": per_fold, "package_version": __version__,
@@ -164,6 +170,6 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(summary, indent=1))
     short = {k: summary[k] for k in ("dataset", "model", "accuracy_mean", "accuracy_se", "accuracy_se_repeats",
-                                     "seconds")}
+                                     *compare, "seconds")}
     print(json.dumps(short if not math.isnan(acc_mean) else summary))
     return summary
