@@ -73,3 +73,15 @@ def test_bench_mil_command_prints_json_last_and_rejects_a_bad_readout(tmp_path):
     assert summary["accuracy_mean"] > 0.8 and summary["accuracy_se"] >= 0
     bad = runner.invoke(app, ["bench-mil", str(csv), "--readout", "best"])
     assert bad.exit_code == 1 and "readout is 'average' or 'select'" in bad.output
+
+
+def test_workflow_verb_unknown_task_is_one_line_error(tmp_path):
+    """The mil-* verbs the Snakemake rules run end a user error with one line on stderr and exit 1."""
+    from wsi_pipeline.cli import app as root_app
+
+    demo_sheet = Path(__file__).resolve().parents[1] / "workflows" / "demo" / "samples.csv"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"samples": str(demo_sheet), "results": str(tmp_path / "results")}))
+    res = runner.invoke(root_app, ["mil-sheet", "--config", str(config), "--task", "nope"])
+    assert res.exit_code == 1
+    assert res.output == "error: no task named 'nope' in the mil.tasks config; known: []\n"

@@ -5,9 +5,9 @@ trained on the training bags: every configuration of a small grid (weight decay,
 cross-validation splits x `inner_seeds` initialisations, each member on its inner-training part (bagging).
 The test bags are scored by the mean probability of all members at the end of their schedule (readout "average":
 nothing is chosen, so nothing can be chosen on the test fold). Readout "select" instead keeps the configuration and
-epoch with the best out-of-fold `criterion` (and optionally retrains it on the whole fold, `final_seeds`); on Musk1
-and Musk2 that selection was the weaker read-out (benchmarks/RESULTS.md). Models are gated ABMIL (or plain/mean/max
-pooling) trained many-at-once (`stacked.py`).
+epoch with the best out-of-fold `criterion` (and optionally retrains it on the whole fold, `final_seeds`); every
+average run also records what selection scores on the same models (both read-outs compared in
+benchmarks/RESULTS.md). Models are gated ABMIL (or plain/mean/max pooling) trained many-at-once (`stacked.py`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import pandas as pd
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import PipelineError
+from ..errors import PipelineError, exit_with_error
+from ..store import write_json_atomic
 from .config import TaskConfig, TrainConfig
 
 
@@ -121,8 +122,7 @@ def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
             entry["top_tiles"] = coords[order].tolist()
             entry["top_scores_rank01"] = _rank01(scores)[order].round(4).tolist()
         written[sid] = entry
-    (out).mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps(written, indent=2) + "\n")
+    write_json_atomic(out / "index.json", written)
     return written
 
 
@@ -136,8 +136,7 @@ def _run(fn: Any) -> Any:
     try:
         return fn()
     except PipelineError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=1) from None
+        exit_with_error(err)
 
 
 ConfigOpt = Annotated[Path, typer.Option(help="the run's YAML config (Snakemake writes RESULTS/run_config.yaml)")]
