@@ -111,7 +111,11 @@ class ZarrStore:
             return hit.astype(np.float32)
         parts = []
         for sid in bag.slide_ids:
-            feats = np.asarray(self.open(sid)["features"][...])  # whole array, read chunk by chunk by zarr
+            try:
+                feats = np.asarray(self.open(sid)["features"][...])  # whole array, read chunk by chunk by zarr
+            except Exception as exc:  # a damaged chunk: name the store, not a codec's internals
+                raise TrainingDataError(f"{self.path(sid)}: cannot read array 'features' ({type(exc).__name__}: "
+                                        f"{exc}); re-run feature extraction for this slide") from exc
             if feats.shape[0] == 0:
                 raise TrainingDataError(f"{self.path(sid)}: empty bag; drop the slide from the sheet")
             if not all_finite(feats):

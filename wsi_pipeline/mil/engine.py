@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,11 +74,12 @@ def feature_stats(store: BagStore, bags: list[Bag], threads: int = 2) -> tuple[n
     """Per-feature mean and std over all training instances, streamed bag by bag (float64 sums)."""
     total = sq = None
     n = 0
-    for features in prefetch(store, bags, threads):
-        x = features.astype(np.float64)
-        total = x.sum(0) if total is None else total + x.sum(0)
-        sq = (x**2).sum(0) if sq is None else sq + (x**2).sum(0)
-        n += len(x)
+    with closing(prefetch(store, bags, threads)) as reader:  # an error stops the reader threads at once
+        for features in reader:
+            x = features.astype(np.float64)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            sq = (x**2).sum(0) if sq is None else sq + (x**2).sum(0)
+            n += len(x)
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean**2, 0))
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -140,14 +142,15 @@ def predict_bags(model: torch.nn.Module, store: BagStore, bags: list[Bag], probl
     model.eval()
     scores, attn, logits_all = [], [], []
     use_amp = amp and device.type == "cuda"
-    for features in prefetch(store, bags, threads):
-        x = torch.from_numpy(features).to(device)
-        with torch.autocast(device.type, enabled=use_amp):
-            out = model(x, None, return_attention=attention)
-        logits = out[0] if attention else out
-        logits_all.append(logits.float())
-        if attention:
-            attn.append(out[1][0].float().cpu().numpy())
+    with closing(prefetch(store, bags, threads)) as reader:
+        for features in reader:
+            x = torch.from_numpy(features).to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model(x, None, return_attention=attention)
+            logits = out[0] if attention else out
+            logits_all.append(logits.float())
+            if attention:
+                attn.append(out[1][0].float().cpu().numpy())
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, problem.n_out)
     scores = outputs_to_scores(logits, problem)
     return {"scores": scores, "logits": logits.cpu(), "attention": attn}
@@ -202,6 +205,7 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
     best_state, best_epoch, history = None, 0, []
     progress = _progress(cfg.quiet)
     task_id = progress.add_task(label or "train", total=cfg.epochs) if progress else None
+    reader = None
     try:
         for epoch in range(cfg.epochs):
             model.train()
@@ -223,6 +227,7 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
                 scaler.update()
                 sched.step()
                 total += float(loss.detach()) * len(chunk)
+            reader.close()  # every bag consumed: release the reader threads before validation starts its own
             record = {"epoch": epoch + 1, "train_loss": total / len(train)}
             if val:
                 pred = predict_bags(model, store, val, problem, device, amp=cfg.amp, threads=cfg.loader_threads)
@@ -242,6 +247,8 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
             if val and epoch + 1 >= cfg.min_epochs and epoch + 1 - best_epoch >= cfg.patience:
                 break
     finally:
+        if reader is not None:  # an error mid-epoch: stop the reader threads now, not at garbage collection
+            reader.close()
         if progress:
             progress.stop()
     if best_state is not None:

@@ -84,7 +84,7 @@ def _rank01(scores: np.ndarray) -> np.ndarray:
 
 
 def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
-    """Per slide with attention: heatmap over the QC thumbnail and a gallery of the top-k tiles (PNGs)."""
+    """Per slide with attention: heatmap over the plain slide thumbnail and a gallery of the top-k tiles (PNGs)."""
     import cv2
     import zarr
 
