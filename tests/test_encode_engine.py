@@ -234,6 +234,10 @@ def test_shard_writer_unit(tmp_path: Path) -> None:
     w.close()
     np.testing.assert_array_equal(arr[...], rows)
     assert w.peak_rows == 8 and w.flushes == 6
+    # A shard file lost after writing (an interrupted copy) reads as NaN rows, never as plausible zeros.
+    (tmp_path / "g.zarr" / "features" / "c" / "1" / "0").unlink()
+    again = np.asarray(zarr.open_array(str(tmp_path / "g.zarr" / "features"), mode="r")[...])
+    assert np.isnan(again[8:16]).all() and np.array_equal(again[16:], rows[16:])
     with pytest.raises(ValueError):
         features.ShardWriter(arr, start=4)
 

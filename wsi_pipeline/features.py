@@ -78,8 +78,10 @@ def create_feature_arrays(group: zarr.Group, n_rows: int, embed_dim: int, dtype:
     if dtype not in FEATURE_DTYPES:
         raise FeatureError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
     c, s = layout.chunk_rows, layout.shard_rows
+    # NaN fill: rows never written (a killed writer, a shard file lost in a copy) read as NaN, which every reader
+    # rejects as non-finite, rather than as plausible zero features
     feats = group.create_array("features", shape=(n_rows, embed_dim), dtype=dtype, chunks=(c, embed_dim),
-                               shards=(s, embed_dim), fill_value=0)
+                               shards=(s, embed_dim), fill_value=float("nan"))
     coords = group.create_array("coords", shape=(n_rows, 2), dtype="int64", chunks=(c, 2), shards=(s, 2),
                                 fill_value=0)
     return feats, coords

@@ -119,8 +119,8 @@ class ZarrStore:
             if feats.shape[0] == 0:
                 raise TrainingDataError(f"{self.path(sid)}: empty bag; drop the slide from the sheet")
             if not all_finite(feats):
-                raise TrainingDataError(f"{self.path(sid)}: features contain NaN or infinity; "
-                                        "re-run feature extraction for this slide")
+                raise TrainingDataError(f"{self.path(sid)}: features contain NaN or infinity (or rows never "
+                                        "written); re-run feature extraction for this slide")
             parts.append(feats)
         feats = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if self.cache_bytes and feats.nbytes <= self.cache_bytes:
