@@ -38,7 +38,7 @@ from wsi_pipeline.store import read_tile_table  # noqa: E402
 from wsi_pipeline.synthetic import write_synthetic_slide  # noqa: E402
 from wsi_pipeline.tile_stage import tile_slide  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+SHARED = Path(os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "slides"
 
 
 def reset_peak_rss() -> None:

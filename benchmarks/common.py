@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 
 from wsi_pipeline.machine import machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# WSI_BENCH_RESULTS redirects the JSON (benchmarks/gpu/run_pending.sh points it at the device's $OUT)
+RESULTS = Path(os.environ.get("WSI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
