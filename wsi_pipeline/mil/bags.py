@@ -75,6 +75,10 @@ class ZarrStore:
 
         return zarr.open_group(str(self.path(slide_id)), mode="r")
 
+    def _unreadable(self, slide_id: str, exc: Exception) -> TrainingDataError:
+        return TrainingDataError(f"{self.path(slide_id)}: cannot read array 'features' ({type(exc).__name__}: "
+                                 f"{exc}); re-run feature extraction for this slide")
+
     def check(self, bags: list[Bag]) -> None:
         """Metadata-only checks before any training: every store exists, has features, one width for all."""
         missing = [s for b in bags for s in b.slide_ids if not self.path(s).exists()]
@@ -90,8 +94,7 @@ class ZarrStore:
                 try:
                     arr = self.open(sid)["features"]
                 except Exception as exc:
-                    raise TrainingDataError(f"{self.path(sid)}: cannot read array 'features' ({exc}); "
-                                            "re-run feature extraction for this slide") from exc
+                    raise self._unreadable(sid, exc) from exc
                 if arr.ndim != 2 or arr.shape[0] == 0:
                     raise TrainingDataError(f"{self.path(sid)}: empty bag (features shape {arr.shape}); "
                                             "check its tissue mask/tile grid or drop the slide from the sheet")
@@ -114,8 +117,7 @@ class ZarrStore:
             try:
                 feats = np.asarray(self.open(sid)["features"][...])  # whole array, read chunk by chunk by zarr
             except Exception as exc:  # a damaged chunk: name the store, not a codec's internals
-                raise TrainingDataError(f"{self.path(sid)}: cannot read array 'features' ({type(exc).__name__}: "
-                                        f"{exc}); re-run feature extraction for this slide") from exc
+                raise self._unreadable(sid, exc) from exc
             if feats.shape[0] == 0:
                 raise TrainingDataError(f"{self.path(sid)}: empty bag; drop the slide from the sheet")
             if not all_finite(feats):
