@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
-from wsi_pipeline.encode_stage import encode_slide  # noqa: E402
+from wsi_pipeline.encode.engine import encode_slide  # noqa: E402
 from wsi_pipeline.encoders import EncoderConfig, TorchTileEncoder, build_encoder  # noqa: E402
-from wsi_pipeline.features import feature_store_path  # noqa: E402
-from wsi_pipeline.store import read_tile_table  # noqa: E402
+from wsi_pipeline.layout import ResultsLayout  # noqa: E402
+from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
 from wsi_pipeline.synthetic import write_synthetic_slide  # noqa: E402
-from wsi_pipeline.tile_stage import tile_slide  # noqa: E402
+from wsi_pipeline.tiling.stage import tile_slide  # noqa: E402
 
 SHARED = Path(os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "slides"
 
@@ -206,7 +206,7 @@ def main() -> None:
             for sid in ids:
                 import zarr
 
-                eng = np.asarray(zarr.open_array(str(feature_store_path(results, cfg.name, sid) / "features"))[...],
+                eng = np.asarray(zarr.open_array(str(ResultsLayout(results).feature_store(cfg.name, sid) / "features"))[...],
                                  dtype=np.float32)
                 ref = c["features"][sid]
                 cos.append((eng * ref).sum(1) / np.linalg.norm(eng, axis=1) / np.linalg.norm(ref, axis=1))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from wsi_pipeline.encode_stage import resolve_device
+from wsi_pipeline.devices import resolve_device
 from wsi_pipeline.machine import machine_info
 from wsi_pipeline.mil.bags import ArrayStore, Bag, ZarrStore
 from wsi_pipeline.mil.config import TrainConfig

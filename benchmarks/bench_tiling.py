@@ -24,10 +24,11 @@ import openslide
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
-from wsi_pipeline.slide import open_slide  # noqa: E402
-from wsi_pipeline.store import read_tile_table  # noqa: E402
-from wsi_pipeline.tile_stage import tile_slide  # noqa: E402
-from wsi_pipeline.tiling import TilingParams, plan_geometry, read_tile  # noqa: E402
+from wsi_pipeline.slide.reader import open_slide  # noqa: E402
+from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
+from wsi_pipeline.tiling.stage import tile_slide  # noqa: E402
+from wsi_pipeline.tiling.config import TilingParams  # noqa: E402
+from wsi_pipeline.tiling.geometry import plan_geometry, read_tile  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
 

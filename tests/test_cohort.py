@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.cohort import cohort_from_glob, read_sample_sheet
+from wsi_pipeline.slide.cohort import cohort_from_glob, read_sample_sheet
 from wsi_pipeline.config import load_config
 from wsi_pipeline.errors import ConfigError
 

@@ -18,18 +18,24 @@ from PIL import Image
 from tiny_models import make_tiny_timm
 from typer.testing import CliRunner
 
-from wsi_pipeline import __version__, features
-from wsi_pipeline.encode_stage import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, encode_command, encode_slide
+from wsi_pipeline import __version__
+from wsi_pipeline.encode import store as features
+from wsi_pipeline.encode.engine import encode_slide
+from wsi_pipeline.layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, STATUS_SKIPPED, ResultsLayout
 from wsi_pipeline.encoders import EncoderConfig, build_encoder, reference_preprocess_pil, register_encoder
 from wsi_pipeline.encoders.base import ModelSource, Preprocessing, TorchTileEncoder
 from wsi_pipeline.encoders.stain_texture import StainTextureEncoder
 from wsi_pipeline.errors import FeatureError
-from wsi_pipeline.features import StoreLayout, export_features_h5, open_cohort, plan_layout
-from wsi_pipeline.loader import SlideSource, TileBatchDataset, geometry_from_attrs, make_loader
-from wsi_pipeline.store import TMP_MARK, read_tile_table
+from wsi_pipeline.encode.cohort import open_cohort
+from wsi_pipeline.encode.store import StoreLayout, plan_layout
+from wsi_pipeline.report.export import export_features_h5
+from wsi_pipeline.encode.loader import SlideSource, TileBatchDataset, make_loader
+from wsi_pipeline.io.atomic import TMP_MARK
 from wsi_pipeline.synthetic import write_synthetic_slide
-from wsi_pipeline.tile_stage import tile_slide
-from wsi_pipeline.tiling import TilingParams, read_tile
+from wsi_pipeline.tiling.stage import tile_slide
+from wsi_pipeline.tiling.config import TilingParams
+from wsi_pipeline.tiling.geometry import geometry_from_attrs, read_tile
+from wsi_pipeline.tiling.table import read_tile_table
 
 STAIN = EncoderConfig(name="stain-texture")
 SMALL_TILES = TilingParams(tile_px=128, target_mpp=0.5)
@@ -138,7 +144,7 @@ def test_fidelity_against_openslide_pil_reference(cmu_slide: Path, cmu_results: 
     side = encode_slide(results, "cmu-1-small-region", tiny_timm, batch_size=8, num_workers=2, device="cpu",
                         dtype="float32")
     assert side["status"] == STATUS_OK and side["n_tiles"] > 20, side
-    feats, coords, attrs = read_store(features.feature_store_path(results, "timm", "cmu-1-small-region"))
+    feats, coords, attrs = read_store(ResultsLayout(results).feature_store("timm", "cmu-1-small-region"))
     table = read_tile_table(results / "tiles" / "cmu-1-small-region.zarr")
     np.testing.assert_array_equal(coords, table.coords)
     assert feats.shape == (len(table), 48) and feats.dtype == np.float32
@@ -161,7 +167,7 @@ def test_fidelity_against_openslide_pil_reference(cmu_slide: Path, cmu_results: 
     # float16 (the default) is the float32 result rounded, with one reader in-process instead of two workers.
     results16 = fresh_results(cmu_results, tmp_path / "r16")
     encode_slide(results16, "cmu-1-small-region", tiny_timm, batch_size=5, num_workers=0, device="cpu")
-    f16, _, a16 = read_store(features.feature_store_path(results16, "timm", "cmu-1-small-region"))
+    f16, _, a16 = read_store(ResultsLayout(results16).feature_store("timm", "cmu-1-small-region"))
     assert f16.dtype == np.float16 and a16["dtype"] == "float16"
     np.testing.assert_array_equal(f16, feats.astype(np.float16))
 
@@ -211,7 +217,7 @@ def test_writer_streams_whole_shards_and_never_holds_more(synth: Path, tmp_path:
     n = side["n_tiles"]
     feat_writer = next(w for w in writers if w.array.shape[1] == 50)
     assert n > 32 and feat_writer.peak_rows <= 16 and feat_writer.flushes == -(-n // 16)
-    store = features.feature_store_path(results, "stain-texture", "synth")
+    store = ResultsLayout(results).feature_store("stain-texture", "synth")
     arr = zarr.open_array(str(store / "features"), mode="r")
     assert arr.chunks == (8, 50) and arr.shards == (16, 50)
     assert len(list((store / "features" / "c").rglob("*"))) - len(list((store / "features" / "c").glob("*"))) \
@@ -253,7 +259,7 @@ def test_rerun_reuses_complete_store_and_redoes_incomplete(synth: Path, tmp_path
     cfg = EncoderConfig(name="counted-stain")
     results = fresh_results(synth, tmp_path)
     first = encode_slide(results, "synth", cfg, device="cpu")
-    store = features.feature_store_path(results, "counted-stain", "synth")
+    store = ResultsLayout(results).feature_store("counted-stain", "synth")
     before = (store / "zarr.json").stat().st_mtime_ns
     again = encode_slide(results, "synth", cfg, device="cpu")
     assert again["reused"] and again["status"] == STATUS_OK and len(builds) == 1  # no model load for a reuse
@@ -272,17 +278,17 @@ def test_rerun_reuses_complete_store_and_redoes_incomplete(synth: Path, tmp_path
 def test_no_tissue_gives_empty_store_and_stage1_failure_is_skipped(tmp_path: Path, shared_data: Path) -> None:
     results = tiled_synthetic(tmp_path, "blank", width=1024, height=1024, regions=())
     side = encode_slide(results, "blank", STAIN, device="cpu")
-    assert side["status"] == STATUS_SKIPPED and "no tissue" in side["reason"]
-    feats, coords, attrs = read_store(features.feature_store_path(results, "stain-texture", "blank"))
+    assert side["status"] == STATUS_NO_TISSUE and "no tissue" in side["reason"]  # stage 1's word for it
+    feats, coords, attrs = read_store(ResultsLayout(results).feature_store("stain-texture", "blank"))
     assert feats.shape == (0, 50) and coords.shape == (0, 2) and attrs["complete"] is True
 
     tile_slide(shared_data / "slides" / "broken.svs", results)
     side = encode_slide(results, "broken", STAIN, device="cpu")
     assert side["status"] == STATUS_SKIPPED and side["reason"].startswith("stage 1 failed")
-    assert not features.feature_store_path(results, "stain-texture", "broken").exists()
+    assert not ResultsLayout(results).feature_store("stain-texture", "broken").exists()
     never = encode_slide(results, "never-tiled", STAIN, device="cpu")
     assert never["status"] == STATUS_SKIPPED and "wsi-pipeline tile" in never["reason"]
-    assert features.feature_sidecar_path(results, "stain-texture", "never-tiled").is_file()
+    assert ResultsLayout(results).feature_sidecar("stain-texture", "never-tiled").is_file()
 
 
 # --- bad input: decode failures, non-finite embeddings, OOM back-off ---------------------------------------------
@@ -309,8 +315,8 @@ def test_truncated_slide_fails_midway_no_store_no_white_fill(tmp_path: Path) -> 
     side = encode_slide(results, "cut", STAIN, batch_size=4, device="cpu", layout=StoreLayout(4, 8))
     assert side["status"] == STATUS_FAILED and str(cut) in side["reason"] and "cannot read" in side["reason"]
     assert "\n" not in side["reason"]
-    assert not features.feature_store_path(results, "stain-texture", "cut").exists() and temporaries(results) == []
-    assert features.feature_sidecar_path(results, "stain-texture", "cut").is_file()
+    assert not ResultsLayout(results).feature_store("stain-texture", "cut").exists() and temporaries(results) == []
+    assert ResultsLayout(results).feature_sidecar("stain-texture", "cut").is_file()
 
 
 class _NanAfter(torch.nn.Module):
@@ -345,7 +351,7 @@ def test_non_finite_embeddings_fail_the_slide(synth: Path, tmp_path: Path) -> No
     side = encode_slide(results, "synth", EncoderConfig(name="test-nan"), batch_size=8, device="cpu",
                         layout=StoreLayout(8, 8))
     assert side["status"] == STATUS_FAILED and "NaN" in side["reason"] and "synth" in side["reason"]
-    assert not features.feature_store_path(results, "test-nan", "synth").exists() and temporaries(results) == []
+    assert not ResultsLayout(results).feature_store("test-nan", "synth").exists() and temporaries(results) == []
 
     _register_module_encoder("test-huge", _NanAfter(threshold=-10.0, scale=1e6))  # finite, beyond float16
     side = encode_slide(results, "synth", EncoderConfig(name="test-huge"), device="cpu")
@@ -365,11 +371,11 @@ def test_oom_backoff_halves_the_batch_and_records_it(synth: Path, tmp_path: Path
     results = fresh_results(synth, tmp_path)
     side = encode_slide(results, "synth", EncoderConfig(name="test-fussy"), batch_size=16, device="cpu")
     assert side["status"] == STATUS_OK and side["batch_size"] == 16 and side["batch_size_final"] == 4
-    got, _, attrs = read_store(features.feature_store_path(results, "test-fussy", "synth"))
+    got, _, attrs = read_store(ResultsLayout(results).feature_store("test-fussy", "synth"))
     assert attrs["batch_size_final"] == 4
     plain = fresh_results(synth, tmp_path / "plain")
     encode_slide(plain, "synth", STAIN, batch_size=16, device="cpu")
-    np.testing.assert_array_equal(got, read_store(features.feature_store_path(plain, "stain-texture", "synth"))[0])
+    np.testing.assert_array_equal(got, read_store(ResultsLayout(plain).feature_store("stain-texture", "synth"))[0])
 
 
 # --- readers: cohort opener, HDF5 export, CLI -------------------------------------------------------------------
@@ -377,7 +383,7 @@ def test_oom_backoff_halves_the_batch_and_records_it(synth: Path, tmp_path: Path
 def test_cohort_opener_and_h5_export(synth: Path, tmp_path: Path) -> None:
     results = fresh_results(synth, tmp_path)
     encode_slide(results, "synth", STAIN, device="cpu", layout=StoreLayout(16, 32))
-    root = features.feature_dir(results, "stain-texture")
+    root = ResultsLayout(results).feature_dir("stain-texture")
     (root / f"half.zarr{TMP_MARK}1-abc").mkdir()  # a temporary of a running writer is not a slide
     cohort = open_cohort(results, "stain-texture")
     assert list(cohort) == ["synth"] and cohort.embed_dim == 50
@@ -398,18 +404,16 @@ def test_cohort_opener_and_h5_export(synth: Path, tmp_path: Path) -> None:
 
 
 def test_encode_command(synth: Path, tmp_path: Path) -> None:
-    import typer
+    from wsi_pipeline.cli import app
 
-    app = typer.Typer()
-    app.command()(encode_command)
     results = fresh_results(synth, tmp_path)
     slide_file = Path(read_tile_table(results / "tiles" / "synth.zarr").attrs["slide_path"])
     cfg = tmp_path / "config.yaml"
     cfg.write_text("encoder:\n  name: stain-texture\nencode:\n  batch_size: 8\n  num_workers: 0\n")
-    r = CliRunner().invoke(app, [str(slide_file), "--out", str(results), "--config", str(cfg), "--device", "cpu"])
+    r = CliRunner().invoke(app, ["encode", str(slide_file), "--out", str(results), "--config", str(cfg), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert "synth: ok" in r.output and features.feature_store_path(results, "stain-texture", "synth").is_dir()
-    r = CliRunner().invoke(app, ["synth", "--out", str(results), "--encoder", "stain-texture", "--device", "cpu"])
+    assert "synth: ok" in r.output and ResultsLayout(results).feature_store("stain-texture", "synth").is_dir()
+    r = CliRunner().invoke(app, ["encode", "synth", "--out", str(results), "--encoder", "stain-texture", "--device", "cpu"])
     assert r.exit_code == 0 and "existing store kept" in r.output
-    r = CliRunner().invoke(app, ["synth", "--out", str(results), "--encoder", "nope", "--device", "cpu"])
+    r = CliRunner().invoke(app, ["encode", "synth", "--out", str(results), "--encoder", "nope", "--device", "cpu"])
     assert r.exit_code == 1 and "unknown encoder" in r.output

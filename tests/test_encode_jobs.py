@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_pipeline.encode_jobs import job_devices, shard_slides, write_run_config
+from wsi_pipeline.config import write_run_config
+from wsi_pipeline.devices import job_devices
+from wsi_pipeline.encode.jobs import shard_slides
 
 
 def test_shards_partition_the_cohort_and_balance_tiles() -> None:

@@ -16,20 +16,21 @@ import pytest
 import torch
 from test_encode_engine import fresh_results, read_store, temporaries, tiled_synthetic
 
-from wsi_pipeline.encode_stage import encode_slide
+from wsi_pipeline.encode.engine import encode_slide
 from wsi_pipeline.encoders import EncoderConfig, register_encoder
 from wsi_pipeline.encoders.stain_texture import StainTextureEncoder
-from wsi_pipeline.features import StoreLayout, feature_store_path, is_complete_store
+from wsi_pipeline.encode.store import StoreLayout, is_complete_store
+from wsi_pipeline.layout import ResultsLayout
 
 LAYOUT = StoreLayout(4, 8)  # tiny shards: the temporary store gets rows after two batches
 SLOW = EncoderConfig(name="slow-stain")
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    from wsi_pipeline.encode_stage import encode_slide
+    from wsi_pipeline.encode.engine import encode_slide
     from wsi_pipeline.encoders import EncoderConfig, register_encoder
     from wsi_pipeline.encoders.stain_texture import StainTextureEncoder
-    from wsi_pipeline.features import StoreLayout
+    from wsi_pipeline.encode.store import StoreLayout
 
     results, delay = sys.argv[1], float(sys.argv[2])
 
@@ -59,7 +60,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, dict]:
     results = fresh_results(synth, tmp_path_factory.mktemp("ref"))
     assert encode_slide(results, "synth", SLOW, batch_size=4, device="cpu", layout=LAYOUT)["status"] == "ok"
-    return read_store(feature_store_path(results, "slow-stain", "synth"))
+    return read_store(ResultsLayout(results).feature_store("slow-stain", "synth"))
 
 
 def _start(results: Path, delay: float, script: Path) -> subprocess.Popen:
@@ -69,7 +70,7 @@ def _start(results: Path, delay: float, script: Path) -> subprocess.Popen:
 
 
 def _assert_same(results: Path, reference: tuple[np.ndarray, np.ndarray, dict]) -> None:
-    store = feature_store_path(results, "slow-stain", "synth")
+    store = ResultsLayout(results).feature_store("slow-stain", "synth")
     assert is_complete_store(store)
     feats, coords, attrs = read_store(store)
     np.testing.assert_array_equal(feats, reference[0])  # bit for bit
@@ -84,7 +85,7 @@ def test_sigkill_mid_slide_then_rerun_is_identical(synth: Path, reference: tuple
     script = tmp_path / "encode.py"
     script.write_text(SCRIPT)
     proc = _start(results, 0.3, script)
-    store = feature_store_path(results, "slow-stain", "synth")
+    store = ResultsLayout(results).feature_store("slow-stain", "synth")
     deadline = time.monotonic() + 90
     shards: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None and not shards:
@@ -123,6 +124,6 @@ def test_batch_composition_does_not_change_features_on_cpu(synth: Path, tmp_path
     for bs in (1, 7, 32):
         results = fresh_results(synth, tmp_path / f"bs{bs}")
         encode_slide(results, "synth", cfg, batch_size=bs, device="cpu", dtype="float32")
-        stores.append(read_store(feature_store_path(results, "timm", "synth"))[0])
+        stores.append(read_store(ResultsLayout(results).feature_store("timm", "synth"))[0])
     assert torch.equal(torch.from_numpy(stores[0]), torch.from_numpy(stores[1]))
     np.testing.assert_array_equal(stores[0], stores[2])

@@ -15,11 +15,13 @@ import pytest
 from test_encode_engine import fresh_results, read_store, temporaries, tiled_synthetic
 from tiny_models import make_tiny_timm
 
-from wsi_pipeline.encode_stage import encode_slide
+from wsi_pipeline.encode.engine import encode_slide
 from wsi_pipeline.encoders import EncoderConfig
 from wsi_pipeline.errors import PipelineError
-from wsi_pipeline.features import StoreLayout, feature_dir, feature_store_path
-from wsi_pipeline.sharding import acquire_gpu, encode_slides, lpt_assign, plan_shards, split_rows
+from wsi_pipeline.devices import acquire_gpu
+from wsi_pipeline.encode.sharding import encode_slides, lpt_assign, plan_shards, split_rows
+from wsi_pipeline.encode.store import StoreLayout
+from wsi_pipeline.layout import ResultsLayout
 
 # --- bin-packing ------------------------------------------------------------------------------------------------
 
@@ -137,16 +139,16 @@ def test_two_cpu_devices_write_the_same_stores_as_one_process(tmp_path: Path) ->
     assert all(out[s]["status"] == "ok" for s in ids), out
     assert out["big"]["parts"] == 2 and out["big"]["n_tiles"] == counts["big"]
     for sid in ids:
-        got = read_store(feature_store_path(results, "timm", sid))
-        want = read_store(feature_store_path(ref, "timm", sid))
+        got = read_store(ResultsLayout(results).feature_store("timm", sid))
+        want = read_store(ResultsLayout(ref).feature_store("timm", sid))
         np.testing.assert_array_equal(got[0], want[0])  # bit for bit, split or not
         np.testing.assert_array_equal(got[1], want[1])
         for key in ("encoder", "encoder_config", "dtype", "tiles", "n_tiles", "embed_dim", "layout", "weights_sha256"):
             assert got[2][key] == want[2][key], key
     summary = json.loads((results / "logs" / "encode" / "timm-devices.json").read_text())
     assert [s["model_loads"] for s in summary] == [1, 1] and len({s["pid"] for s in summary}) == 2
-    assert not (feature_dir(results, "timm") / "big.parts").exists() and temporaries(results) == []
-    sidecars = {s: json.loads((feature_dir(results, "timm") / f"{s}.json").read_text()) for s in ids}
+    assert not (ResultsLayout(results).feature_dir("timm") / "big.parts").exists() and temporaries(results) == []
+    sidecars = {s: json.loads((ResultsLayout(results).feature_dir("timm") / f"{s}.json").read_text()) for s in ids}
     assert all(sidecars[s]["status"] == "ok" and sidecars[s]["tiles_per_s"] for s in ids)
 
     again = encode_slides(results, ids, cfg, ["cpu", "cpu"], batch_size=8, layout=layout)
@@ -156,32 +158,33 @@ def test_two_cpu_devices_write_the_same_stores_as_one_process(tmp_path: Path) ->
 def test_split_parts_are_resumable_and_merge_to_the_unsplit_store(tmp_path: Path) -> None:
     import torch
 
-    from wsi_pipeline.encode_stage import EncodeOptions, EncoderHandle
-    from wsi_pipeline.sharding import Task, encode_part, merge_parts, part_path
+    from wsi_pipeline.encode.config import EncodeParams
+    from wsi_pipeline.encode.engine import EncoderHandle
+    from wsi_pipeline.encode.sharding import Task, encode_part, merge_parts, part_path
 
     stain, layout = EncoderConfig(name="stain-texture"), StoreLayout(4, 8)
     results = tiled_synthetic(tmp_path, "s", seed=5)
     n = json.loads((results / "tiles" / "s.json").read_text())["n_tiles"]
     ref = fresh_results(results, tmp_path / "ref")
     encode_slide(ref, "s", stain, batch_size=8, device="cpu", layout=layout)
-    opts = EncodeOptions(batch_size=8, layout=layout)
+    opts = EncodeParams(batch_size=8, num_workers=0)
     tasks = [Task("s", a, b, n, part=True) for a, b in split_rows(n, 2, align=8)]
     cpu = torch.device("cpu")
-    store = feature_store_path(results, "stain-texture", "s")
+    store = ResultsLayout(results).feature_store("stain-texture", "s")
 
-    first = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu)) for t in tasks]
+    first = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu), layout=layout) for t in tasks]
     failed = merge_parts(results, "s", tasks, [first[0], {"status": "failed", "reason": "rows 9-20: boom"}], stain,
-                         opts)
+                         opts, layout=layout)
     assert failed["status"] == "failed" and "boom" in failed["reason"] and not store.exists()
 
-    parts = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu)) for t in tasks]
+    parts = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu), layout=layout) for t in tasks]
     handle = EncoderHandle(stain, cpu)
-    assert encode_part(results, tasks[0], stain, opts, handle)["status"] == "ok" and handle.builds == 0  # resumed
+    assert encode_part(results, tasks[0], stain, opts, handle, layout=layout)["status"] == "ok" and handle.builds == 0  # resumed
     assert part_path(results, "stain-texture", tasks[1]).is_dir()
-    side = merge_parts(results, "s", tasks, parts, stain, opts)
+    side = merge_parts(results, "s", tasks, parts, stain, opts, layout=layout)
     assert side["status"] == "ok" and side["parts"] == 2
-    got, want = read_store(store), read_store(feature_store_path(ref, "stain-texture", "s"))
+    got, want = read_store(store), read_store(ResultsLayout(ref).feature_store("stain-texture", "s"))
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert got[2]["layout"] == want[2]["layout"] and got[2]["merged_parts"] == 2
-    assert not (feature_dir(results, "stain-texture") / "s.parts").exists() and temporaries(results) == []
+    assert not (ResultsLayout(results).feature_dir("stain-texture") / "s.parts").exists() and temporaries(results) == []

@@ -19,8 +19,8 @@ import pytest
 from format_fixtures import SourcePixels, synthetic_source, write_dicom_wsi, write_ndpi, write_philips_tiff
 
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.tile_stage import tile_slide
+from wsi_pipeline.slide.reader import open_slide
+from wsi_pipeline.tiling.stage import tile_slide
 
 # Not a multiple of the 256 px tile: edge frames/tiles are padded and must be clipped by the reader;
 # the coarsest level (ceil 188 rows) is not an exact 16x downsample either.

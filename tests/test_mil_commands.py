@@ -1,4 +1,4 @@
-"""The typer commands the root CLI registers: train / predict / bench-mil, run through typer's test runner."""
+"""The stage-3 verbs train / predict / bench-mil, run through typer's test runner on the root CLI."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from wsi_pipeline.mil import commands
+from wsi_pipeline.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_mil_train import CLS_TASK, FAST, make_cohort  # noqa: E402
 
-app = typer.Typer()
-app.command("train")(commands.train)
-app.command("predict")(commands.predict)
-app.command("bench-mil")(commands.bench_mil)
 runner = CliRunner()
 
 

@@ -13,7 +13,7 @@ from sksurv.datasets import load_gbsg2, load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 
-from wsi_pipeline.metrics import c_index
+from wsi_pipeline.mil.metrics import c_index
 from wsi_pipeline.mil.metrics import bootstrap_ci, classification_metrics, mean_se, survival_metrics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wsi_pipeline.mil.models import ABMIL
+from wsi_pipeline.mil.models.abmil import ABMIL
 from wsi_pipeline.mil.stacked import StackedAdamW, StackedMIL, _concat
 
 

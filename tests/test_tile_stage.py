@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_pipeline.export import export_h5
+from wsi_pipeline.report.export import export_h5
 from wsi_pipeline.synthetic import Region, write_synthetic_slide
-from wsi_pipeline.tile_stage import tile_slide
-from wsi_pipeline.tiling import TilingParams
+from wsi_pipeline.tiling.stage import tile_slide
+from wsi_pipeline.tiling.config import TilingParams
 
 MPP = 0.25
 TILE_L0 = 512  # 256 px at 0.5 µm/px on a 0.25 µm/px slide
@@ -98,7 +98,7 @@ def test_white_slide_is_no_tissue_not_an_error(tmp_path: Path) -> None:
 
 
 def test_flat_slide_mask_is_read_in_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import wsi_pipeline.slide as slide_mod
+    import wsi_pipeline.slide.reader as slide_mod
 
     monkeypatch.setattr(slide_mod, "BAND_ROWS", 700)  # force several bands on a small flat slide
     spec = write_synthetic_slide(tmp_path / "flat.tif", width=4096, height=3072, mpp=MPP, fmt="flat", seed=2)

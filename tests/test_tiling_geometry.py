@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.tiling import TilingParams, grid_coords, plan_geometry
+from wsi_pipeline.slide.reader import open_slide
+from wsi_pipeline.tiling.config import TilingParams
+from wsi_pipeline.tiling.geometry import grid_coords, plan_geometry
 
 
 def test_geometry_on_cmu_at_20x(cmu_slide: Path) -> None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from skimage.draw import polygon2mask
 from skimage.filters import threshold_otsu
 
-from wsi_pipeline.tissue import (
+from wsi_pipeline.tiling.tissue import (
     TissueMask,
     TissueParams,
     compute_tissue_mask,

@@ -1,26 +1,27 @@
-"""The pipeline configuration: one pydantic model per stage, validated once, shared by the CLI and Snakemake.
+"""The pipeline configuration: the stage sections composed into one model, validated once, shared by the CLI and
+Snakemake. Each stage's section lives in that stage's `config.py` (pydantic models only).
 
 `workflows/config.yaml` holds the defaults; `workflows/schemas/config.schema.json` is generated from these models
-(`wsi-pipeline schema`) so editors and Snakemake's `validate` see the same rules.
+(`wsi-pipeline schema`) so editors and Snakemake's `validate` see the same rules. This is the one place YAML is read.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .cohort import cohort_from_glob, read_sample_sheet
-from .encode_stage import EncodeParams
-from .encoders import EncoderConfig
+from .encode.config import EncodeParams
+from .encoders.config import EncoderConfig
 from .errors import ConfigError
-from .mil.workflow import MILConfig
-from .tiling import TilingParams
-from .tissue import TissueParams
+from .mil.config import MILConfig
+from .tiling.config import TilingParams, TissueParams
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class PipelineConfig(BaseModel):
@@ -40,6 +41,8 @@ class PipelineConfig(BaseModel):
 
     def cohort(self) -> pd.DataFrame:
         """The validated cohort table, indexed by slide_id: `samples` is a CSV sheet, or else a glob of slides."""
+        from .slide.cohort import cohort_from_glob, read_sample_sheet  # pandas: only for jobs that need the cohort
+
         if not self.samples:
             raise ConfigError("config: 'samples' is not set; give a sample sheet CSV or a glob such as /data/*.svs")
         if self.samples.lower().endswith(".csv"):
@@ -47,19 +50,34 @@ class PipelineConfig(BaseModel):
         return cohort_from_glob(self.samples)
 
 
-def load_config(source: str | os.PathLike[str] | dict[str, Any], overrides: dict[str, Any] | None = None
-                ) -> PipelineConfig:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML (or JSON) config file as a dict; a missing or unparsable file is one `ConfigError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass --config with a YAML file like workflows/config.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections (samples:, tiling:, ...), not "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Validate a YAML file or a dict (e.g. Snakemake's `config`); errors become one `ConfigError` line."""
     name = "config"
-    if isinstance(source, dict):
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
         data = dict(source)
     else:
         name = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; pass --config with a YAML file like "
-                              "workflows/config.yaml")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(source)
     data.update(overrides or {})
     try:
         return PipelineConfig.model_validate(data)
@@ -70,3 +88,15 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any], overrides: dict
 
 def config_json_schema() -> dict[str, Any]:
     return PipelineConfig.model_json_schema()
+
+
+def write_run_config(cfg: PipelineConfig | dict[str, Any], path: Path) -> Path:
+    """Write the effective config (after all overrides) for the jobs to read; untouched when unchanged so that
+    Snakemake sees no newer input."""
+    from .io.atomic import write_bytes_atomic
+
+    data = cfg.model_dump(mode="json") if isinstance(cfg, PipelineConfig) else cfg
+    text = yaml.safe_dump(data, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        write_bytes_atomic(path, text.encode())
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 
 class PipelineError(Exception):
     """Base class: the message is a complete, single-line explanation meant for the user."""
@@ -35,10 +33,3 @@ class FeatureError(PipelineError):
 class TrainingDataError(PipelineError):
     """Labels, splits or bags are not usable for training (missing features, too few samples, ...)."""
 
-
-def exit_with_error(err: Exception) -> NoReturn:
-    """CLI ending for a user-facing error: its one line on stderr, exit status 1, no traceback."""
-    import typer  # here, not at the top: the stage modules import this file and need no CLI library
-
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=1) from err

@@ -40,7 +40,7 @@ log="$OUT/$STAGE.log"
 case "$STAGE" in
   check)
     $PY -c "import torch, zarr, openslide, tiffslide, pydantic, wsi_pipeline, wsi_pipeline.mil.engine, \
-wsi_pipeline.encode_stage; print('wsi_pipeline', wsi_pipeline.__version__, 'torch', torch.__version__, \
+wsi_pipeline.encode.engine; print('wsi_pipeline', wsi_pipeline.__version__, 'torch', torch.__version__, \
 'zarr', zarr.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() \
 if torch.cuda.is_available() else '')" 2>&1 | tee "$log" ;;
   tests)

@@ -2,7 +2,8 @@
 import sys
 from pathlib import Path
 
-from wsi_pipeline.config import load_config
+from wsi_pipeline.config import load_config, write_run_config
+from wsi_pipeline.devices import cuda_present
 
 CFG = load_config(config)
 COHORT = CFG.cohort()
@@ -41,15 +42,11 @@ def _uses_gpu():
     if CFG.encode.device == "cpu":
         return False
     if CFG.encode.device == "auto":  # decided where the DAG is built: set encode.device: cuda on a cluster
-        import torch
-
-        return torch.cuda.is_available()
+        return cuda_present()  # without importing torch: every job re-reads this file
     return True
 
 
 USE_GPU = _uses_gpu()
 
 # The effective config after --configfile/--config overrides, for shell jobs to read (and as a record of the run).
-from wsi_pipeline.encode_jobs import write_run_config
-
-RUN_CONFIG = write_run_config(CFG.model_dump(mode="json"), RESULTS / "run_config.yaml")
+RUN_CONFIG = write_run_config(CFG, RESULTS / "run_config.yaml")

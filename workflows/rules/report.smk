@@ -9,7 +9,7 @@ rule report:
         csv=RESULTS / "report.csv",
         html=RESULTS / "report.html",
     run:
-        from wsi_pipeline.qc import build_report, failure_summary
+        from wsi_pipeline.report.report import build_report, failure_summary
 
         table = build_report(input.tiles, RESULTS, encoder=ENCODER)
         print(failure_summary(table))
@@ -18,7 +18,7 @@ rule report:
 onsuccess:
     import pandas as pd
 
-    from wsi_pipeline.qc import failure_summary
+    from wsi_pipeline.report.report import failure_summary
 
     report_csv = RESULTS / "report.csv"
     if report_csv.exists():

@@ -23,7 +23,7 @@ rule tile:
     run:
         import logging
 
-        from wsi_pipeline.tile_stage import tile_slide
+        from wsi_pipeline.tiling.stage import tile_slide
 
         logging.basicConfig(filename=log[0], level=logging.INFO, force=True)
         result = tile_slide(

@@ -14,26 +14,33 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from wsi_pipeline.encoders.base import (
-    CONCEPTCLIP_REPO,
-    CONCEPTCLIP_REVISION,
-    EncoderConfig,
-    Preprocessing,
-    TileEncoder,
-    TorchTileEncoder,
-    check_finite,
-)
-from wsi_pipeline.encoders.preprocess import (
-    preprocess_on_device,
-    preprocessing_from_processor_config,
-    reference_preprocess_pil,
-)
+from wsi_pipeline.encoders.config import CONCEPTCLIP_REPO, CONCEPTCLIP_REVISION, EncoderConfig, Preprocessing
 from wsi_pipeline.errors import EncoderError
 
-Builder = Callable[[EncoderConfig, torch.device], TileEncoder]
+if TYPE_CHECKING:
+    import torch
+
+    from wsi_pipeline.encoders.base import TileEncoder
+
+Builder = Callable[[EncoderConfig, "torch.device"], "TileEncoder"]
+
+# Names that need torch, imported on first use: reading the `encoder:` config must not load torch.
+_LAZY = {
+    "TileEncoder": "wsi_pipeline.encoders.base",
+    "TorchTileEncoder": "wsi_pipeline.encoders.base",
+    "check_finite": "wsi_pipeline.encoders.base",
+    "preprocess_on_device": "wsi_pipeline.encoders.preprocess",
+    "preprocessing_from_processor_config": "wsi_pipeline.encoders.preprocess",
+    "reference_preprocess_pil": "wsi_pipeline.encoders.preprocess",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # name -> "module:function", imported lazily so `import wsi_pipeline.encoders` stays light.
 _REGISTRY: dict[str, str | Builder] = {
@@ -65,6 +72,8 @@ def _resolve(builder: str | Builder) -> Builder:
 
 def build_encoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TileEncoder:
     """Build the configured encoder on `device` (moved there, eval mode, compiled if cfg.compile)."""
+    import torch
+
     if cfg.name not in _REGISTRY:
         raise EncoderError(f"unknown encoder {cfg.name!r} (encoder.name); available: {', '.join(available_encoders())}")
     device = torch.device(device)

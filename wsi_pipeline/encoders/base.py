@@ -1,4 +1,4 @@
-"""The encoder contract: configuration, preprocessing description, the TileEncoder base classes, provenance."""
+"""The encoder contract: the TileEncoder base classes, weight checksums and provenance."""
 
 from __future__ import annotations
 
@@ -8,57 +8,20 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pydantic
 import torch
 
+from wsi_pipeline.encoders.config import (  # re-exported: the encoder contract in one import
+    EncoderConfig,
+    Preprocessing,
+)
+from wsi_pipeline.encoders.preprocess import preprocess_on_device
 from wsi_pipeline.errors import EncoderError, FeatureError
 
-# ConceptCLIP on the Hugging Face Hub, pinned so embeddings stay comparable across runs and sites.
-CONCEPTCLIP_REPO = "JerrryNie/ConceptCLIP"
-CONCEPTCLIP_REVISION = "c91b537cd004630f1e262ef1975200070629a8a9"
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-class EncoderConfig(pydantic.BaseModel):
-    """Which tile encoder to build and from where; the `encoder:` block of the pipeline config."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    name: str = "conceptclip"
-    # Hub id ("org/name", for open_clip also "hf-hub:org/name"), or an architecture name (timm, open_clip).
-    model_id: str | None = None
-    # Local directory (or checkpoint file for timm/open_clip) holding the weights; wins over the hub.
-    path: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    local_files_only: bool = True  # no hub traffic at run time unless asked for
-    cache_dir: str | None = None
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    compile: bool = False
-    # Override the input size of the model's preprocessing (rarely needed; the model's config is the default).
-    image_size: int | None = pydantic.Field(default=None, gt=0)
-
-
-@dataclass
-class Preprocessing:
-    """How tiles become model input: squash-resize to `size` x `size`, scale to [0, 1], normalise."""
-
-    size: int
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    resize: str = "squash"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
 
 def _sha256_file(path: Path) -> str:
     # Files in the Hugging Face cache are symlinks to blobs named by their sha256 (LFS files): use the name.
@@ -238,8 +201,6 @@ class TorchTileEncoder(TileEncoder):
 
     @torch.inference_mode()
     def encode_uint8(self, tiles: torch.Tensor) -> torch.Tensor:
-        from wsi_pipeline.encoders.preprocess import preprocess_on_device
-
         if tiles.device != self.device:
             tiles = tiles.to(self.device, non_blocking=True)
         return self.encode_pixels(preprocess_on_device(tiles, self.preprocessing, torch.float32))

@@ -14,15 +14,8 @@ from typing import Any
 
 import torch
 
-from wsi_pipeline.encoders.base import (
-    CONCEPTCLIP_REPO,
-    CONCEPTCLIP_REVISION,
-    EncoderConfig,
-    ModelSource,
-    Preprocessing,
-    TorchTileEncoder,
-    weight_files,
-)
+from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_files
+from wsi_pipeline.encoders.config import CONCEPTCLIP_REPO, CONCEPTCLIP_REVISION, EncoderConfig, Preprocessing
 from wsi_pipeline.encoders.hub import download_hint, resolve_model_dir
 from wsi_pipeline.encoders.preprocess import preprocessing_from_processor_config, with_size
 from wsi_pipeline.errors import EncoderError

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from wsi_pipeline.encoders.base import EncoderConfig, ModelSource, Preprocessing, TorchTileEncoder, weight_files
+from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_files
+from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import with_size
 from wsi_pipeline.errors import EncoderError

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wsi_pipeline.encoders.base import Preprocessing
+from wsi_pipeline.encoders.config import Preprocessing
 from wsi_pipeline.errors import EncoderError
 
 # PIL resample codes as stored in Hugging Face preprocessor configs.

@@ -14,7 +14,8 @@ import torch
 from skimage.color import hed_from_rgb
 from skimage.feature import local_binary_pattern
 
-from wsi_pipeline.encoders.base import EncoderConfig, TileEncoder
+from wsi_pipeline.encoders.base import TileEncoder
+from wsi_pipeline.encoders.config import EncoderConfig
 
 GLCM_LEVELS = 32
 GLCM_DISTANCES = (1, 2)

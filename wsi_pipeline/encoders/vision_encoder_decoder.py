@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from wsi_pipeline.encoders.base import EncoderConfig, ModelSource, Preprocessing, TorchTileEncoder, weight_files
+from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_files
+from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import preprocessing_from_processor_config, with_size
 from wsi_pipeline.errors import EncoderError

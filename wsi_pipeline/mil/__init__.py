@@ -1,11 +1,3 @@
-"""Stage 3: attention-MIL on tile features — bags, splits, models, losses, training, metrics, benchmark."""
-
-from .bench import bench_mil
-from .config import TaskConfig, TrainConfig
-from .evaluate import evaluate_task
-from .models import ABMIL, PoolMIL, TransMIL, build_model
-from .plots import attention_heatmap
-from .train import predict, train_task
-
-__all__ = ["ABMIL", "PoolMIL", "TaskConfig", "TrainConfig", "TransMIL", "attention_heatmap", "bench_mil",
-           "build_model", "evaluate_task", "predict", "train_task"]
+"""Stage 3: attention-MIL on tile features — `config` (tasks, training), `bags`, `splits`, `models` (registry),
+`losses`, `engine` (one model's training loop), `train` (a task's folds), `evaluate` (its summary), `workflow`
+(the workflow's per-task jobs), `heatmaps`, `bench` (classic MIL benchmark)."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import ConfigError
-
-ModelName = Literal["abmil", "abmil-gated", "transmil", "mean", "max"]
+from ..errors import ConfigError, PipelineError
+from .models import model_names
 
 
 class TaskConfig(BaseModel):
@@ -42,7 +41,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelName = "abmil-gated"
+    model: str = Field("abmil-gated", description="a registered MIL model: abmil, abmil-gated, transmil, mean, max, "
+                       "or one added in wsi_pipeline/mil/models/")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="extra settings for the model's builder")
     hidden_dim: int = Field(128, ge=1)
     attn_dim: int = Field(128, ge=1)
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
@@ -74,6 +75,33 @@ class TrainConfig(BaseModel):
     num_threads: int | None = None
     quiet: bool = False
     bootstrap: int = Field(1000, ge=0)  # resamples for the confidence intervals in the summary
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in model_names():
+            raise ValueError(f"unknown MIL model {name!r}; available: {', '.join(model_names())}")
+        return name
+
+
+class MILConfig(BaseModel):
+    """The `mil:` config section: prediction tasks on the sample sheet and how to train them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskConfig] = Field(default_factory=list, description="no tasks: the workflow stops after encoding")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    heatmap_top_k: int = Field(8, ge=0, le=64, description="tiles in each slide's top-attention gallery")
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise PipelineError(f"no task named {name!r} in the mil.tasks config; known: {[t.name for t in self.tasks]}")
+
+    @property
+    def n_splits(self) -> int:
+        return self.train.folds * len(self.train.seeds)
 
 
 def as_task(cfg: TaskConfig | dict[str, Any]) -> TaskConfig:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..encode_stage import resolve_device  # one device rule for every stage
+from ..devices import resolve_device  # one device rule for every stage
 from .bags import Bag, BagStore, prefetch
 from .config import TrainConfig
 from .losses import cox_loss, cross_entropy, discrete_nll, hazard_risk, to_bin
@@ -47,9 +47,10 @@ def set_seed(seed: int) -> None:
 
 
 def model_spec(cfg: TrainConfig, in_dim: int, problem: Problem) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild its model: the `mil.train` settings models read, plus `model_args`."""
     keys = ("model", "hidden_dim", "attn_dim", "dropout", "encoder_layers", "n_layers", "n_heads", "ppeg",
             "standardize")
-    return {k: getattr(cfg, k) for k in keys} | {"in_dim": in_dim, "n_out": problem.n_out}
+    return {k: getattr(cfg, k) for k in keys} | cfg.model_args | {"in_dim": in_dim, "n_out": problem.n_out}
 
 
 class Normalized(torch.nn.Module):

@@ -11,9 +11,9 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from ..errors import ConfigError
+from ..io.jsonio import write_json_atomic
 from .metrics import bootstrap_ci, c_index, logrank_groups, mean_se
 from .plots import plot_km, plot_roc
-from .train import write_json
 
 CLASS_METRICS = ("auc", "balanced_accuracy", "f1", "accuracy")
 SURV_METRICS = ("c_index", "logrank_p")
@@ -86,5 +86,5 @@ def evaluate_task(out_dir: str | Path) -> dict[str, Any]:
     rows = [{"metric": k, **{c: v.get(c) for c in ("mean", "se", "ci_low", "ci_high", "pooled", "n_folds")}}
             for k, v in summary["metrics"].items()]
     pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
-    write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return json.loads((out / "summary.json").read_text())

@@ -8,7 +8,6 @@ skipped on re-runs, so an error later never costs the folds already trained.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, TrainingDataError
-from ..store import write_json_atomic
+from ..io.atomic import atomic_group
+from ..io.jsonio import to_jsonable, write_json_atomic
 from .bags import Bag, ZarrStore, bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig, as_task, as_train
 from .engine import Problem, fit, make_model, model_spec, predict_bags, resolve_device
 from .losses import time_bins
 from .metrics import classification_metrics, survival_metrics
 from .splits import load_or_make_splits
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    # Unique temporary names: the workflow's fold jobs run in parallel and each writes the task's config.json.
-    write_json_atomic(path, clean(obj))
 
 
 def make_problem(task: TaskConfig, cfg: TrainConfig, classes: list[str] | None, train: list[Bag]) -> Problem:
@@ -64,7 +46,7 @@ def save_checkpoint(fold_dir: Path, model: torch.nn.Module, spec: dict[str, Any]
                     meta: dict[str, Any]) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(fold_dir / "model.safetensors"))
-    write_json(fold_dir / "model.json", {"spec": spec, "problem": problem.to_dict(), **meta})
+    write_json_atomic(fold_dir / "model.json", {"spec": spec, "problem": problem.to_dict(), **meta})
 
 
 def load_checkpoint(fold_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Problem, dict]:
@@ -108,17 +90,15 @@ def fold_metrics(df: pd.DataFrame, problem: Problem) -> dict[str, Any]:
 
 def write_attention(att_dir: Path, store: ZarrStore, bag: Bag, scores: np.ndarray, meta: dict[str, Any]) -> None:
     """Per-tile attention of one bag, split back into its slides: att_dir/{slide_id}.zarr (scores, coords)."""
-    import zarr
-
     start = 0
     for sid, n in zip(bag.slide_ids, bag.lengths, strict=True):
-        group = zarr.open_group(str(att_dir / f"{sid}.zarr"), mode="w")
-        group.create_array("scores", data=np.asarray(scores[start : start + n], dtype=np.float32))
-        try:
-            group.create_array("coords", data=store.coords(sid).astype(np.int64))
-        except KeyError:  # a feature store without coords: scores stay usable in tile order
-            pass
-        group.attrs.update(clean({**meta, "slide_id": sid, "bag_id": bag.bag_id}))
+        with atomic_group(att_dir / f"{sid}.zarr") as group:  # readers never see half a store
+            group.create_array("scores", data=np.asarray(scores[start : start + n], dtype=np.float32))
+            try:
+                group.create_array("coords", data=store.coords(sid).astype(np.int64))
+            except KeyError:  # a feature store without coords: scores stay usable in tile order
+                pass
+            group.attrs.update(to_jsonable({**meta, "slide_id": sid, "bag_id": bag.bag_id}))
         start += n
 
 
@@ -144,7 +124,7 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
     strata = [b.label if task.type == "classification" else b.event for b in bags]
     splits = load_or_make_splits(out / "splits.json", [b.bag_id for b in bags], [b.patient_id for b in bags],
                                  strata, cfg.folds, cfg.seeds, cfg.val_fraction, task.type == "survival")
-    write_json(out / "config.json", {"task": task.model_dump(), "train": cfg.model_dump(), "classes": classes,
+    write_json_atomic(out / "config.json", {"task": task.model_dump(), "train": cfg.model_dump(), "classes": classes,
                                      "sheet": str(sheet_csv), "features_dir": str(features_dir)})
     by_id = {b.bag_id: b for b in bags}
     n_splits = len(splits["splits"])
@@ -178,8 +158,8 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
         metrics = fold_metrics(table, problem) | meta | {
             "n_train": len(train), "n_val": len(val), "n_test": len(test), "best_epoch": info["best_epoch"],
             "epochs_run": len(info["history"]), "device": info["device"], "history": info["history"]}
-        write_json(fold_dir / "metrics.json", metrics)  # written last: marks the fold complete
-        results.append(clean(metrics))
+        write_json_atomic(fold_dir / "metrics.json", metrics)  # written last: marks the fold complete
+        results.append(to_jsonable(metrics))
     summary = None
     if fold is None:
         from .evaluate import evaluate_task

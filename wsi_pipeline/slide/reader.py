@@ -16,7 +16,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from .errors import MissingMPPError, SlideError
+from ..errors import MissingMPPError, SlideError
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 

@@ -1,4 +1,4 @@
-"""Per-slide feature stores: layout, a streaming writer, validity checks, the lazy cohort opener and HDF5 export.
+"""Per-slide feature stores: chunk/shard layout, a streaming shard writer and the completeness check.
 
 `RESULTS/features/{encoder}/{slide_id}.zarr` is a Zarr v3 group with `features` (N x D, float16 by default) and
 `coords` (N x 2 int64, level 0, in tile-table order). Both arrays are sharded: chunks of many rows packed into a
@@ -9,10 +9,7 @@ read-modify-write of the whole shard).
 
 from __future__ import annotations
 
-import fcntl
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,24 +17,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import FeatureError
+from ..errors import FeatureError
 
 FEATURE_DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast row-block reads, never one-row chunks
 SHARD_BYTES = 32 << 20  # ~32 MiB shards: a 100k-tile ConceptCLIP slide is ~7 files, and the writer's buffer
 MIN_CHUNK_ROWS = 16
 
-
-def feature_dir(results: str | os.PathLike[str], encoder: str) -> Path:
-    return Path(results) / "features" / encoder
-
-
-def feature_store_path(results: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
-    return feature_dir(results, encoder) / f"{slide_id}.zarr"
-
-
-def feature_sidecar_path(results: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
-    return feature_dir(results, encoder) / f"{slide_id}.json"
 
 
 @dataclass(frozen=True)
@@ -139,32 +125,6 @@ class ShardWriter:
             raise FeatureError(f"{self.array.store}: wrote {self.written} of {self.stop - self.start} rows")
 
 
-@contextmanager
-def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive flock on `path` (created if needed); yields False if `blocking=False` and it is held.
-
-    The kernel releases it when the holder dies, even on SIGKILL, so a killed run never blocks the next."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def tiles_signature(tile_attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies a tile table: a feature store made from another one is stale."""
-    return {k: tile_attrs.get(k) for k in ("created", "n_tiles", "slide_path", "tile_px", "target_mpp",
-                                           "read_level", "read_size", "tile_size_level0")}
 
 
 def is_complete_store(path: Path, expect: Mapping[str, Any] | None = None) -> bool:
@@ -179,91 +139,3 @@ def is_complete_store(path: Path, expect: Mapping[str, Any] | None = None) -> bo
     except Exception:  # unreadable metadata: not a usable store
         return False
     return ok and all(attrs.get(k) == v for k, v in (expect or {}).items())
-
-
-class FeatureCohort(Mapping[str, zarr.Array]):
-    """Lazy per-slide bags of one encoder's features: `bag(id)` (Zarr array), `dask(id)`, `coords(id)`, `attrs`.
-
-    Only complete stores are listed; nothing is read until a bag is indexed."""
-
-    def __init__(self, results: str | os.PathLike[str], encoder: str, slide_ids: list[str] | None = None) -> None:
-        self.root = feature_dir(results, encoder)
-        self.encoder = encoder
-        if slide_ids is None:
-            found = sorted(self.root.glob("*.zarr")) if self.root.is_dir() else []
-            slide_ids = [p.name[:-len(".zarr")] for p in found if is_complete_store(p)]
-        else:
-            missing = [s for s in slide_ids if not is_complete_store(self.path(s))]
-            if missing:
-                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-                raise FeatureError(f"{self.root}: no complete feature store for {len(missing)} slide(s) ({shown}); "
-                                   "run `wsi-pipeline encode` for them or drop them from the sample sheet")
-        self.slide_ids = list(slide_ids)
-        self._groups: dict[str, zarr.Group] = {}
-
-    def path(self, slide_id: str) -> Path:
-        return self.root / f"{slide_id}.zarr"
-
-    def group(self, slide_id: str) -> zarr.Group:
-        if slide_id not in self._groups:
-            if slide_id not in self.slide_ids:
-                raise KeyError(slide_id)
-            self._groups[slide_id] = zarr.open_group(str(self.path(slide_id)), mode="r")
-        return self._groups[slide_id]
-
-    def bag(self, slide_id: str) -> zarr.Array:
-        return self.group(slide_id)["features"]  # type: ignore[return-value]
-
-    def dask(self, slide_id: str) -> Any:
-        import dask.array as da
-
-        arr = self.bag(slide_id)
-        return da.from_zarr(arr, chunks=(arr.shards or arr.chunks)[0:1] + arr.shape[1:])
-
-    def coords(self, slide_id: str) -> np.ndarray:
-        return np.asarray(self.group(slide_id)["coords"][...])
-
-    @property
-    def attrs(self) -> dict[str, dict[str, Any]]:
-        return {sid: dict(self.group(sid).attrs) for sid in self.slide_ids}
-
-    @property
-    def embed_dim(self) -> int | None:
-        return int(self.bag(self.slide_ids[0]).shape[1]) if self.slide_ids else None
-
-    def __getitem__(self, slide_id: str) -> zarr.Array:
-        return self.bag(slide_id)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.slide_ids)
-
-    def __len__(self) -> int:
-        return len(self.slide_ids)
-
-
-def open_cohort(results: str | os.PathLike[str], encoder: str, slide_ids: list[str] | None = None) -> FeatureCohort:
-    """The complete feature stores of `encoder` under `results` (or exactly `slide_ids`, else FeatureError)."""
-    return FeatureCohort(results, encoder, slide_ids)
-
-
-def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
-    """CLAM/TRIDENT-style HDF5 (`features` + `coords` with their attributes) from a feature store."""
-    from .export import export_h5
-
-    store = Path(feature_store)
-    if not is_complete_store(store):
-        raise FeatureError(f"{store}: not a complete feature store; run `wsi-pipeline encode` first")
-    g = zarr.open_group(str(store), mode="r")
-    attrs = dict(g.attrs)
-    tile_store = (store.parent / attrs["tile_store_rel"]).resolve()
-    if not (tile_store / "zarr.json").is_file():
-        tile_store = Path(attrs["tile_store"])
-    coords = np.asarray(g["coords"][...])
-    from .store import read_tile_table
-
-    if not np.array_equal(read_tile_table(tile_store).coords, coords):
-        raise FeatureError(f"{store}: coords differ from the tile table {tile_store}; re-encode the slide")
-    extra = {"encoder": attrs.get("encoder", ""), "dtype": attrs.get("dtype", ""),
-             "weights_sha256": attrs.get("weights_sha256") or "", "revision": attrs.get("revision") or "",
-             "package_version": attrs.get("package_version", "")}
-    return export_h5(tile_store, out_path, features=np.asarray(g["features"][...]), extra_attrs=extra)

@@ -1,4 +1,5 @@
-"""Quality-control pictures per slide and the cohort report (CSV + HTML)."""
+"""The cohort report: one row per slide from the stage-1 and stage-2 sidecars, as CSV and HTML, and the short
+failure summary printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -9,53 +10,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
-QC_MAX_SIDE = 2048  # longest side of a QC thumbnail, pixels
-QC_FINEST_MPP = 2.0  # never draw QC finer than this: small slides get a readable picture, not a huge one
+from ..io.atomic import write_bytes_atomic
+from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
 
 REPORT_COLUMNS = [
     "slide_id", "status", "reason", "backend", "vendor", "mpp", "mpp_source", "width", "height",
     "tissue_area_mm2", "n_tiles", "seconds", "encode_status", "encode_reason", "encode_tiles_per_s", "thumbnail",
     "path",
 ]
-
-
-def qc_mpp_for(width: int, height: int, slide_mpp: float) -> float:
-    """Resolution of the QC thumbnail: the whole slide fits in QC_MAX_SIDE pixels."""
-    longest_um = max(width, height) * slide_mpp
-    return max(longest_um / QC_MAX_SIDE, QC_FINEST_MPP)
-
-
-def draw_qc_thumbnail(thumbnail: np.ndarray, level0_per_px: float, contours_level0: Iterable[np.ndarray],
-                      coords: np.ndarray, tile_size_level0: float) -> np.ndarray:
-    """The thumbnail with tissue contours (green) and the kept tile grid (blue boxes) drawn on it."""
-    img = np.ascontiguousarray(thumbnail.copy())
-    size = max(1, int(round(tile_size_level0 / level0_per_px)))
-    if len(coords):
-        xy = np.round(np.asarray(coords, dtype=np.float64) / level0_per_px).astype(np.int32)
-        for x, y in xy:
-            cv2.rectangle(img, (int(x), int(y)), (int(x) + size - 1, int(y) + size - 1), (40, 90, 230), 1)
-    rings = [np.round(np.asarray(r, dtype=np.float64) / level0_per_px).astype(np.int32).reshape(-1, 1, 2)
-             for r in contours_level0]
-    if rings:
-        cv2.polylines(img, rings, isClosed=True, color=(0, 170, 0), thickness=2)
-    return img
-
-
-def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
-    """Write an RGB (or single-channel) uint8 image as PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", data)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
 
 
 def report_row(sidecar: dict[str, Any], encode: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -89,18 +54,16 @@ def build_report(sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.P
     """Write `report.csv` and `report.html` into `out_dir` (the results folder) from the tiling sidecars and, with
     `encoder`, the encode sidecars `features/{encoder}/{slide_id}.json`; returns the table."""
     out_dir = Path(out_dir)
+    layout = ResultsLayout(out_dir)
     rows = []
     for p in sidecars:
         tiles = json.loads(Path(p).read_text())
-        enc_path = out_dir / "features" / encoder / f"{tiles['slide_id']}.json" if encoder else None
+        enc_path = layout.feature_sidecar(encoder, tiles["slide_id"]) if encoder else None
         enc = json.loads(enc_path.read_text()) if enc_path is not None and enc_path.exists() else None
         rows.append(report_row(tiles, enc))
     table = pd.DataFrame(rows, columns=REPORT_COLUMNS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "report.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "report.csv")
-    (out_dir / "report.html").write_text(_html(table, out_dir))
+    write_bytes_atomic(layout.report_csv, table.to_csv(index=False).encode())
+    write_bytes_atomic(layout.report_html, _html(table, out_dir).encode())
     return table
 
 
@@ -108,15 +71,15 @@ def failure_summary(table: pd.DataFrame) -> str:
     """A short text for the end of a run: counts by status and one line per failed slide."""
     counts = table["status"].value_counts().to_dict()
     lines = [f"{len(table)} slides: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
-    for _, row in table[table["status"] == "failed"].iterrows():
+    for _, row in table[table["status"] == STATUS_FAILED].iterrows():
         lines.append(f"  FAILED {row['slide_id']}: {row['reason']}")
-    for _, row in table[table["encode_status"] == "failed"].iterrows():
+    for _, row in table[table["encode_status"] == STATUS_FAILED].iterrows():
         lines.append(f"  ENCODE FAILED {row['slide_id']}: {row['encode_reason']}")
     return "\n".join(lines)
 
 
 def _html(table: pd.DataFrame, out_dir: Path) -> str:
-    colours = {"ok": "#e6f4ea", "no tissue": "#fff8e1", "failed": "#fdecea"}
+    colours = {STATUS_OK: "#e6f4ea", STATUS_NO_TISSUE: "#fff8e1", STATUS_FAILED: "#fdecea"}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in REPORT_COLUMNS if c != "path")
     body = []
     for _, row in table.iterrows():

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .slide import default_slide_id
+from ..errors import ConfigError
+from .reader import default_slide_id
 
 log = logging.getLogger(__name__)
 

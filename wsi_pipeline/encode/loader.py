@@ -25,30 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .encoders import TileEncoder, check_finite
-from .errors import FeatureError, PipelineError, SlideError
-from .features import ShardWriter
-from .slide import Slide, open_slide
-from .tiling import TileGeometry, read_tile
+from ..encoders import TileEncoder, check_finite
+from ..errors import FeatureError, PipelineError, SlideError
+from ..slide.reader import Slide, open_slide
+from ..tiling.geometry import TileGeometry, read_tile
+from .store import ShardWriter
 
 log = logging.getLogger(__name__)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-
-def geometry_from_attrs(attrs: dict[str, Any]) -> TileGeometry:
-    """The `TileGeometry` stage 1 planned, rebuilt from its tile store's attributes."""
-    try:
-        return TileGeometry(
-            tile_px=int(attrs["tile_px"]), target_mpp=float(attrs["target_mpp"]), slide_mpp=float(attrs["slide_mpp"]),
-            overlap=float(attrs.get("overlap", 0.0)), read_level=int(attrs["read_level"]),
-            level_downsample=float(attrs["level_downsample"]), read_size=int(attrs["read_size"]),
-            tile_size_level0=float(attrs["tile_size_level0"]),
-            stride_level0=float(attrs.get("stride_level0", attrs["tile_size_level0"])),
-            upsampled=bool(attrs.get("upsampled", False)),
-        )
-    except KeyError as err:
-        raise PipelineError(f"tile store of {attrs.get('slide_id', '?')}: attribute {err} missing; rerun "
-                            "`wsi-pipeline tile` for this slide (the store predates this version)") from None
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,7 @@ ranges (per-part stores merged into the final store), one process per device, an
 `encode_slides` runs one process per device (spawned; in-process for one device) that builds the encoder once and
 works through its bin. A split slide's parts are written as complete stores under `{slide_id}.parts/` (atomic,
 each under its own lock, reused by a rerun: resumable) and merged, under the slide lock, by the parent.
-
-Snakemake's `--resources gpu=N` only counts GPUs; it never says which one a job may use. `acquire_gpu` takes an
-exclusive `fcntl.flock` on `RESULTS/.gpu_locks/{i}.lock` for the job's lifetime (the kernel drops it when the
-process dies, even on SIGKILL, so a crashed job never strands a device).
+Picking GPUs is `devices.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ import os
 import queue as queue_mod
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,25 +25,26 @@ import numpy as np
 import torch
 import zarr
 
-from .encode_stage import (
-    STATUS_FAILED,
-    STATUS_OK,
-    EncodeOptions,
+from ..devices import resolve_device
+from ..encoders import EncoderConfig
+from ..errors import FeatureError, PipelineError
+from ..io.atomic import atomic_group, remove_stale_temporaries
+from ..io.jsonio import write_json_atomic
+from ..io.locks import file_lock
+from ..layout import STATUS_FAILED, STATUS_OK, ResultsLayout
+from ..tiling.table import TileTable, read_tile_attrs
+from .config import EncodeParams
+from .engine import (
     EncoderHandle,
-    _encode_whole,
-    _expect,
-    _finish,
-    _Outputs,
-    _sidecar_base,
-    _Skip,
-    _write_store,
+    SkipSlide,
+    encode_whole_slide,
+    expected_attrs,
     load_tile_table,
-    resolve_device,
+    new_sidecar,
+    write_feature_store,
 )
-from .encoders import EncoderConfig
-from .errors import FeatureError, PipelineError
-from .features import ShardWriter, StoreLayout, create_feature_arrays, file_lock, is_complete_store, plan_layout
-from .store import TileTable, atomic_group, remove_stale_temporaries, write_json_atomic
+from .sidecar import EncodeSidecar
+from .store import ShardWriter, StoreLayout, create_feature_arrays, is_complete_store, plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -113,121 +110,81 @@ def plan_shards(tile_counts: Mapping[str, int], n_devices: int, *, split_thresho
     return plan
 
 
-def visible_gpus() -> list[str] | None:
-    """The CUDA_VISIBLE_DEVICES entries when set by the caller/cluster, else None."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if value is None or value.strip() == "":
-        return None
-    return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "-1"]
-
-
-@contextmanager
-def acquire_gpu(results: str | os.PathLike[str], n_gpus: int | None = None, *, poll_s: float = 0.2,
-                timeout_s: float | None = None) -> Iterator[int]:
-    """Yield a CUDA device index no other holder has, for as long as the `with` block runs.
-
-    When CUDA_VISIBLE_DEVICES names exactly one device (a cluster executor assigned it), yield 0 without
-    locking. Otherwise lock one of `n_gpus` ids (default: the visible/installed count) under
-    `results/.gpu_locks`; wait for one to free up if all are held."""
-    visible = visible_gpus()
-    if visible is not None and len(visible) == 1:
-        yield 0
-        return
-    if n_gpus is None:
-        if visible is not None:
-            n_gpus = len(visible)
-        else:
-            import torch
-
-            n_gpus = torch.cuda.device_count()
-    if n_gpus < 1:
-        raise PipelineError("acquire_gpu: no GPU available (CUDA_VISIBLE_DEVICES empty or no CUDA device); "
-                            "run on a GPU node or set encode.device: cpu")
-    lock_dir = Path(results) / ".gpu_locks"
-    # The lock is per physical device: ids name the same GPUs for every job of one results folder.
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        for i in range(n_gpus):
-            with file_lock(lock_dir / f"{i}.lock", blocking=False) as held:
-                if held:
-                    yield i
-                    return
-        if deadline is not None and time.monotonic() > deadline:
-            raise PipelineError(f"acquire_gpu: all {n_gpus} GPU locks in {lock_dir} stayed busy for {timeout_s} s; "
-                                "run snakemake with --resources gpu=N no larger than the number of GPUs")
-        time.sleep(poll_s)
-
-
 # --- split slides: per-part stores, merged under the slide lock ------------------------------------------------
 
 def part_path(results: Path, encoder: str, task: Task) -> Path:
-    return _Outputs(results, encoder, task.slide_id).parts / f"{task.start:010d}-{task.stop:010d}.zarr"
+    parts = ResultsLayout(results).feature_parts(encoder, task.slide_id)
+    return parts / f"{task.start:010d}-{task.stop:010d}.zarr"
 
 
-def _part_lock(results: Path, encoder: str, task: Task) -> Path:
+def part_lock(results: Path, encoder: str, task: Task) -> Path:
     # Beside the slide locks, never inside the parts folder, and never deleted: unlinking a lock file that
     # another process has opened would let two holders lock two different files.
-    lock = _Outputs(results, encoder, task.slide_id).lock
+    lock = ResultsLayout(results).feature_lock(encoder, task.slide_id)
     return lock.with_name(f"{task.slide_id}.part-{task.start}-{task.stop}.lock")
 
 
-def encode_part(results: Path, task: Task, cfg: EncoderConfig, opts: EncodeOptions, handle: EncoderHandle,
-                force: bool = False) -> dict[str, Any]:
+def encode_part(results: Path, task: Task, cfg: EncoderConfig, params: EncodeParams, handle: EncoderHandle,
+                force: bool = False, layout: StoreLayout | None = None) -> dict[str, Any]:
     """Rows [task.start, task.stop) into a part store (kept when complete, so a rerun resumes from it)."""
     path = part_path(results, cfg.name, task)
     started = time.perf_counter()
     res: dict[str, Any] = {"status": STATUS_OK, "reason": "", "device": str(handle.device)}
-    with file_lock(_part_lock(results, cfg.name, task)):
+    with file_lock(part_lock(results, cfg.name, task)):
         try:
             table = load_tile_table(results, task.slide_id)
             extra = {"part_start": task.start, "part_stop": task.stop}
-            expect = {**_expect(cfg, opts.dtype, table.attrs), **extra}
+            expect = {**expected_attrs(cfg, params.dtype, table.attrs), **extra}
             if force or not is_complete_store(path, expect):
                 remove_stale_temporaries(path)
-                res["batch_size_final"] = _write_store(path, task.slide_id, table, task.start, task.stop, cfg,
-                                                       handle, opts, results, extra)
-        except (_Skip, PipelineError) as err:
+                res["batch_size_final"] = write_feature_store(path, task.slide_id, table, task.start, task.stop,
+                                                              cfg, handle, params, results, extra, layout)
+        except (SkipSlide, PipelineError) as err:
             res.update(status=STATUS_FAILED, reason=str(err))
     res["seconds"] = round(time.perf_counter() - started, 3)
     return res
 
 
 def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: list[dict[str, Any]],
-                cfg: EncoderConfig, opts: EncodeOptions, force: bool = False) -> dict[str, Any]:
+                cfg: EncoderConfig, params: EncodeParams, force: bool = False,
+                layout: StoreLayout | None = None) -> EncodeSidecar:
     """Publish a split slide: copy its part stores, in row order, into the final store; write the sidecar."""
-    out = _Outputs(results, cfg.name, slide_id)
-    side = _sidecar_base(results, slide_id, cfg, torch.device("cpu"), opts)
-    side.update(device=",".join(sorted({str(r.get("device", "?")) for r in part_results})), parts=len(tasks))
+    paths = ResultsLayout(results)
+    store = paths.feature_store(cfg.name, slide_id)
+    side = new_sidecar(slide_id, cfg, "cpu", params)
+    side.device = ",".join(sorted({str(r.get("device", "?")) for r in part_results}))
+    side.parts = len(tasks)
     started = time.perf_counter()
     tasks = sorted(tasks, key=lambda t: t.start)
-    with file_lock(out.lock):
+    with file_lock(paths.feature_lock(cfg.name, slide_id)):
         try:
             table = load_tile_table(results, slide_id)
-            side["n_tiles"] = len(table)
+            side.n_tiles = len(table)
             bad = [r for r in part_results if r["status"] != STATUS_OK]
             if bad:
                 raise FeatureError(bad[0]["reason"])
-            if force or not is_complete_store(out.store, _expect(cfg, opts.dtype, table.attrs)):
-                remove_stale_temporaries(out.store)
-                side["batch_size_final"] = _merge(out.store, [part_path(results, cfg.name, t) for t in tasks],
-                                                  table, opts)
-            side.update(status=STATUS_OK, store=f"features/{cfg.name}/{slide_id}.zarr")
-        except (_Skip, PipelineError) as err:
-            side.update(status=STATUS_FAILED, reason=str(err))
+            if force or not is_complete_store(store, expected_attrs(cfg, params.dtype, table.attrs)):
+                remove_stale_temporaries(store)
+                side.batch_size_final = _merge(store, [part_path(results, cfg.name, t) for t in tasks], table,
+                                               params, layout)
+            side.status, side.store = STATUS_OK, paths.rel(store)
+        except (SkipSlide, PipelineError) as err:
+            side.status, side.reason = STATUS_FAILED, str(err)
         # Encoding time is the slowest part's (the parts ran in parallel) plus the merge.
         slowest = max((r.get("seconds", 0.0) for r in part_results), default=0.0)
-        _finish(side, slowest + time.perf_counter() - started, out.sidecar)
-    _remove_parts(out.parts, tasks, results, cfg.name)
+        side.finish(slowest + time.perf_counter() - started, paths.feature_sidecar(cfg.name, slide_id))
+    _remove_parts(paths.feature_parts(cfg.name, slide_id), tasks, results, cfg.name)
     return side
 
 
-def _merge(final: Path, parts: list[Path], table: TileTable, opts: EncodeOptions) -> int:
+def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParams,
+           layout: StoreLayout | None) -> int:
     groups = [zarr.open_group(str(p), mode="r") for p in parts]
     dim = int(groups[0]["features"].shape[1])
     n = len(table)
-    layout = opts.layout or plan_layout(n, dim, opts.dtype)
+    layout = layout or plan_layout(n, dim, params.dtype)
     with atomic_group(final) as g:
-        feats, coords = create_feature_arrays(g, n, dim, opts.dtype, layout)
+        feats, coords = create_feature_arrays(g, n, dim, params.dtype, layout)
         cw, fw = ShardWriter(coords), ShardWriter(feats)
         for pg in groups:  # stream shard-sized blocks: memory stays one shard
             pf, pc = pg["features"], pg["coords"]
@@ -239,7 +196,7 @@ def _merge(final: Path, parts: list[Path], table: TileTable, opts: EncodeOptions
         if not np.array_equal(np.asarray(coords[...]), table.coords):
             raise FeatureError(f"{final}: merged coords differ from the tile table; rerun with --force")
         attrs = {k: v for k, v in dict(groups[0].attrs).items() if k not in ("part_start", "part_stop")}
-        final_batch = min(int(pg.attrs.get("batch_size_final", opts.batch_size)) for pg in groups)
+        final_batch = min(int(pg.attrs.get("batch_size_final", params.batch_size)) for pg in groups)
         attrs.update(n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts),
                      complete=True)
         g.attrs.update(attrs)
@@ -249,7 +206,7 @@ def _merge(final: Path, parts: list[Path], table: TileTable, opts: EncodeOptions
 def _remove_parts(parts_dir: Path, tasks: list[Task], results: Path, encoder: str) -> None:
     for t in tasks:
         p = part_path(results, encoder, t)
-        with file_lock(_part_lock(results, encoder, t), blocking=False) as held:
+        with file_lock(part_lock(results, encoder, t), blocking=False) as held:
             if held:  # never delete a part another run is writing
                 shutil.rmtree(p, ignore_errors=True)
                 remove_stale_temporaries(p)
@@ -261,69 +218,86 @@ def _remove_parts(parts_dir: Path, tasks: list[Task], results: Path, encoder: st
 
 # --- one process per device ----------------------------------------------------------------------------------
 
-def _tile_attrs(results: Path, slide_id: str) -> dict[str, Any] | None:
-    path = results / "tiles" / f"{slide_id}.zarr"
-    if not (path / "zarr.json").is_file():
-        return None
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+@dataclass(frozen=True)
+class DeviceWork:
+    """What every device process needs besides its task list (picklable: sent to spawned processes)."""
+
+    results: Path
+    encoder: dict[str, Any]  # EncoderConfig.model_dump()
+    params: EncodeParams
+    force: bool
+    layout: StoreLayout | None
 
 
-def _run_device(device: str, tasks: list[Task], results: Path, cfg: EncoderConfig, opts: EncodeOptions,
-                force: bool, report: Callable[[Task, dict[str, Any]], None]) -> dict[str, Any]:
+def _failed_slide(work: DeviceWork, cfg: EncoderConfig, slide_id: str, device: str, n_tiles: int,
+                  reason: str) -> EncodeSidecar:
+    side = new_sidecar(slide_id, cfg, device, work.params)
+    side.n_tiles, side.reason = n_tiles, reason
+    return side.finish(0.0, ResultsLayout(work.results).feature_sidecar(cfg.name, slide_id))
+
+
+def _run_device(device: str, tasks: list[Task], work: DeviceWork,
+                report: Callable[[Task, dict[str, Any] | EncodeSidecar], None]) -> dict[str, Any]:
     """Work through one device's bin with one encoder (built on first need); report each task's result."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # so library calls without an explicit device land on ours
+    cfg = EncoderConfig.model_validate(work.encoder)
     handle = EncoderHandle(cfg, dev)
     for task in tasks:
+        res: dict[str, Any] | EncodeSidecar
         try:
             if task.part:
-                res = encode_part(results, task, cfg, opts, handle, force)
+                res = encode_part(work.results, task, cfg, work.params, handle, work.force, work.layout)
             else:
-                res = _encode_whole(results, task.slide_id, cfg, opts, handle, force)
+                res = encode_whole_slide(work.results, task.slide_id, cfg, work.params, handle, work.force,
+                                         work.layout)
         except Exception as err:  # a bug on one slide must not stop the device's other slides
             log.exception("%s on %s", task.slide_id, device)
-            res = {"status": STATUS_FAILED, "reason": f"{type(err).__name__}: {' '.join(str(err).split())}",
-                   "device": device}
-            if not task.part:
-                res = {**_sidecar_base(results, task.slide_id, cfg, dev, opts), **res, "n_tiles": task.n_tiles}
-                _finish(res, 0.0, _Outputs(results, cfg.name, task.slide_id).sidecar)
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            if task.part:
+                res = {"status": STATUS_FAILED, "reason": reason, "device": device}
+            else:
+                res = _failed_slide(work, cfg, task.slide_id, device, task.n_tiles, reason)
         report(task, res)
     return {"device": device, "pid": os.getpid(), "model_loads": handle.builds,
             "model_load_seconds": round(handle.load_seconds, 3), "tasks": len(tasks)}
 
 
-def _device_main(rank: int, device: str, tasks: list[Task], results: Path, cfg_dump: dict[str, Any],
-                 opts: EncodeOptions, force: bool, threads: int | None, q: Any) -> None:
+def _device_main(rank: int, device: str, tasks: list[Task], work: DeviceWork, threads: int | None, q: Any) -> None:
     if threads:
         torch.set_num_threads(threads)
-    summary = _run_device(device, tasks, results, EncoderConfig.model_validate(cfg_dump), opts, force,
-                          lambda t, r: q.put(("task", t, r)))
+    summary = _run_device(device, tasks, work, lambda t, r: q.put(("task", t, r)))
     q.put(("done", rank, summary))
 
 
 def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: EncoderConfig,
-                  devices: Sequence[str | torch.device] = ("auto",), *, batch_size: int = 64, num_workers: int = 0,
-                  dtype: str = "float16", force: bool = False, prefetch_factor: int = 2,
-                  split_threshold: int | None = None, layout: StoreLayout | None = None) -> dict[str, dict[str, Any]]:
+                  devices: Sequence[str | torch.device] = ("auto",), params: EncodeParams | None = None, *,
+                  force: bool = False, layout: StoreLayout | None = None,
+                  **overrides: Any) -> dict[str, EncodeSidecar]:
     """Encode a cohort over `devices` (e.g. ["cuda:0", "cuda:1"]; CPU entries work the same), one process and one
-    model load per device, slides bin-packed by tile count and big ones split. Returns {slide_id: sidecar}."""
+    model load per device, slides bin-packed by tile count and big ones split. Returns {slide_id: sidecar}.
+
+    `params` is the `encode:` section (default `EncodeParams(num_workers=0)`); fields may be overridden by name."""
     results = Path(results)
+    params = (params or EncodeParams(num_workers=0)).with_overrides(**overrides)
     devs = [str(resolve_device(d)) for d in devices] or ["cpu"]
-    opts = EncodeOptions(batch_size, num_workers, dtype, prefetch_factor, layout)
-    out: dict[str, dict[str, Any]] = {}
+    work = DeviceWork(results, encoder_cfg.model_dump(), params, force, layout)
+    paths = ResultsLayout(results)
+    out: dict[str, EncodeSidecar] = {}
     counts: dict[str, int] = {}
     for sid in dict.fromkeys(slide_ids):
-        attrs = _tile_attrs(results, sid)
-        store = _Outputs(results, encoder_cfg.name, sid).store
-        if attrs is not None and not force and is_complete_store(store, _expect(encoder_cfg, dtype, attrs)):
-            out[sid] = _encode_whole(results, sid, encoder_cfg, opts, EncoderHandle(encoder_cfg, torch.device("cpu")),
-                                     force)  # reuses the store: no model is built
+        attrs = read_tile_attrs(paths.tile_store(sid))
+        store = paths.feature_store(encoder_cfg.name, sid)
+        if attrs is not None and not force and is_complete_store(
+                store, expected_attrs(encoder_cfg, params.dtype, attrs)):
+            handle = EncoderHandle(encoder_cfg, torch.device("cpu"))  # reuses the store: no model is built
+            out[sid] = encode_whole_slide(results, sid, encoder_cfg, params, handle, force, layout)
         else:
             counts[sid] = int(attrs.get("n_tiles", 0)) if attrs else 0
-    plan = plan_shards(counts, len(devs), split_threshold=split_threshold, align=batch_size)
-    reports: list[tuple[Task, dict[str, Any]]] = []
-    summaries = _run_all(devs, plan, results, encoder_cfg, opts, force, reports)
+    plan = plan_shards(counts, len(devs), split_threshold=params.split_threshold, align=params.batch_size)
+    reports: list[tuple[Task, Any]] = []
+    summaries = _run_all(devs, plan, work, reports)
     parts: dict[str, list[tuple[Task, dict[str, Any]]]] = {}
     for task, res in reports:
         if task.part:
@@ -335,28 +309,26 @@ def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: En
         got = {t for t, _ in lst}
         lost = [{"status": STATUS_FAILED, "reason": f"rows {t.start}-{t.stop}: worker process died"}
                 for t in planned if t not in got]
-        out[sid] = merge_parts(results, sid, planned, [r for _, r in lst] + lost, encoder_cfg, opts, force)
+        out[sid] = merge_parts(results, sid, planned, [r for _, r in lst] + lost, encoder_cfg, params, force, layout)
     for sid in counts:
         if sid not in out:  # its device's process died before reporting
             dead = [s for s in summaries if s.get("exitcode")]
-            side = {**_sidecar_base(results, sid, encoder_cfg, torch.device("cpu"), opts), "n_tiles": counts[sid],
-                    "reason": f"worker process exited abnormally ({dead[0] if dead else 'no report'})"}
-            _finish(side, 0.0, _Outputs(results, encoder_cfg.name, sid).sidecar)
-            out[sid] = side
-    write_json_atomic(results / "logs" / "encode" / f"{encoder_cfg.name}-devices.json", summaries)
+            reason = f"worker process exited abnormally ({dead[0] if dead else 'no report'})"
+            out[sid] = _failed_slide(work, encoder_cfg, sid, "cpu", counts[sid], reason)
+    write_json_atomic(paths.encode_devices_log(encoder_cfg.name), summaries)
     return {sid: out[sid] for sid in dict.fromkeys(slide_ids)}
 
 
-def _run_all(devs: list[str], plan: list[list[Task]], results: Path, cfg: EncoderConfig, opts: EncodeOptions,
-             force: bool, reports: list[tuple[Task, dict[str, Any]]]) -> list[dict[str, Any]]:
+def _run_all(devs: list[str], plan: list[list[Task]], work: DeviceWork,
+             reports: list[tuple[Task, Any]]) -> list[dict[str, Any]]:
     if len(devs) == 1:
-        return [_run_device(devs[0], plan[0], results, cfg, opts, force, lambda t, r: reports.append((t, r)))]
+        return [_run_device(devs[0], plan[0], work, lambda t, r: reports.append((t, r)))]
     ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn is safe everywhere
     q = ctx.Queue()
     n_cpu = sum(d == "cpu" for d in devs)
     threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))  # CPU "devices" share the cores
-    procs = {rank: ctx.Process(target=_device_main, args=(rank, d, plan[rank], results, cfg.model_dump(), opts,
-                                                          force, threads if d == "cpu" else None, q), daemon=False)
+    procs = {rank: ctx.Process(target=_device_main, args=(rank, d, plan[rank], work,
+                                                          threads if d == "cpu" else None, q), daemon=False)
              for rank, d in enumerate(devs) if plan[rank]}
     for p in procs.values():
         p.start()

@@ -9,78 +9,52 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import PipelineError
+from .. import __version__
+from ..errors import PipelineError
+from ..io.atomic import remove_stale_temporaries
+from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
+from ..slide.reader import Slide, default_slide_id, open_slide
+from .config import TilingParams, TissueParams
+from .geometry import TileGeometry, grid_coords, plan_geometry
 from .qc import draw_qc_thumbnail, qc_mpp_for, write_png
-from .slide import Slide, default_slide_id, open_slide
-from .store import remove_stale_temporaries, write_json_atomic, write_tile_table
-from .tiling import TileGeometry, TilingParams, grid_coords, plan_geometry
-from .tissue import TissueMask, TissueParams, compute_tissue_mask, write_geojson, write_mask_png
+from .sidecar import TileSidecar
+from .table import write_tile_table
+from .tissue import TissueMask, compute_tissue_mask, write_geojson, write_mask_png
 
 log = logging.getLogger(__name__)
-
-STATUS_OK, STATUS_NO_TISSUE, STATUS_FAILED = "ok", "no tissue", "failed"
-
-
-@dataclass(frozen=True)
-class TileOutputs:
-    """Where stage 1 writes for one slide, relative to the results folder."""
-
-    results: Path
-    slide_id: str
-
-    @property
-    def store(self) -> Path:
-        return self.results / "tiles" / f"{self.slide_id}.zarr"
-
-    @property
-    def sidecar(self) -> Path:
-        return self.results / "tiles" / f"{self.slide_id}.json"
-
-    @property
-    def qc_dir(self) -> Path:
-        return self.results / "qc" / self.slide_id
-
-    def rel(self, p: Path) -> str:
-        return os.path.relpath(p, self.results)
 
 
 def tile_slide(path: str | os.PathLike[str], results: str | os.PathLike[str], *, slide_id: str | None = None,
                mpp: float | None = None, backend: str = "auto", tiling: TilingParams | None = None,
-               tissue: TissueParams | None = None) -> dict[str, Any]:
+               tissue: TissueParams | None = None) -> TileSidecar:
     """Tile one slide into `results`; never raises for a bad slide: the returned sidecar says what happened."""
     tiling = tiling or TilingParams()
     tissue = tissue or TissueParams()
     slide_id = slide_id or default_slide_id(path)
-    out = TileOutputs(Path(results), slide_id)
+    layout = ResultsLayout(results)
     started = time.perf_counter()
-    sidecar: dict[str, Any] = {
-        "slide_id": slide_id,
-        "path": str(path),
-        "package_version": __version__,
-        "tiling": tiling.model_dump(),
-        "tissue_params": tissue.model_dump(),
-        "mpp_override": mpp,
-    }
+    sidecar = TileSidecar(slide_id=slide_id, path=str(path), package_version=__version__,
+                          tiling=tiling.model_dump(), tissue_params=tissue.model_dump(), mpp_override=mpp)
     try:
         with open_slide(path, backend=backend, mpp=mpp) as slide:  # type: ignore[arg-type]
-            sidecar["slide"] = slide.info.to_dict()
-            sidecar.update(_tile_open_slide(slide, out, tiling, tissue))
+            sidecar.slide = slide.info.to_dict()
+            for key, value in _tile_open_slide(slide, layout, slide_id, tiling, tissue).items():
+                setattr(sidecar, key, value)
     except PipelineError as err:
-        sidecar.update(status=STATUS_FAILED, reason=str(err), n_tiles=0)
+        sidecar.status, sidecar.reason, sidecar.n_tiles = STATUS_FAILED, str(err), 0
         log.info("%s: failed: %s", slide_id, err)
-    sidecar["seconds"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(out.sidecar, sidecar)
+    sidecar.seconds = round(time.perf_counter() - started, 3)
+    sidecar.write(layout.tile_sidecar(slide_id))
     return sidecar
 
 
-def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissue: TissueParams) -> dict[str, Any]:
+def _tile_open_slide(slide: Slide, layout: ResultsLayout, slide_id: str, tiling: TilingParams,
+                     tissue: TissueParams) -> dict[str, Any]:
     geometry = plan_geometry(slide, tiling)
     width, height = slide.info.dimensions
     qc_mpp = qc_mpp_for(width, height, geometry.slide_mpp)
@@ -96,28 +70,29 @@ def _tile_open_slide(slide: Slide, out: TileOutputs, tiling: TilingParams, tissu
     coords, fractions = coords[keep], fractions[keep]
     status = STATUS_OK if len(coords) else STATUS_NO_TISSUE
 
-    out.qc_dir.mkdir(parents=True, exist_ok=True)
-    mask_png, geojson_path, thumb_png = (out.qc_dir / "mask.png", out.qc_dir / "tissue.geojson",
-                                         out.qc_dir / "thumbnail.png")
+    qc_dir = layout.qc_dir(slide_id)
+    qc_dir.mkdir(parents=True, exist_ok=True)
+    mask_png, geojson_path, thumb_png = (qc_dir / "mask.png", qc_dir / "tissue.geojson", qc_dir / "thumbnail.png")
     write_mask_png(mask, mask_png)
-    write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=out.slide_id)
+    write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
     rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
     write_png(thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0))
-    plain_png = out.qc_dir / "thumbnail_plain.png"  # no drawings: the base for attention heatmaps
+    plain_png = qc_dir / "thumbnail_plain.png"  # no drawings: the base for attention heatmaps
     write_png(plain_png, qc_img)
 
-    remove_stale_temporaries(out.store)
-    attrs = _store_attrs(slide, geometry, out.slide_id, mask, tissue, tiling, status)
-    write_tile_table(out.store, coords, fractions, attrs)
+    store = layout.tile_store(slide_id)
+    remove_stale_temporaries(store)
+    attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status)
+    write_tile_table(store, coords, fractions, attrs)
     return {
         "status": status,
         "reason": "no tissue found by the mask" if status == STATUS_NO_TISSUE else "",
         "n_tiles": int(len(coords)),
         "tissue_area_mm2": float(mask.area_mm2),
         "geometry": geometry.to_dict(),
-        "store": out.rel(out.store),
-        "qc": {"thumbnail": out.rel(thumb_png), "thumbnail_plain": out.rel(plain_png), "mask": out.rel(mask_png),
-               "geojson": out.rel(geojson_path)},
+        "store": layout.rel(store),
+        "qc": {"thumbnail": layout.rel(thumb_png), "thumbnail_plain": layout.rel(plain_png),
+               "mask": layout.rel(mask_png), "geojson": layout.rel(geojson_path)},
     }
 
 

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import zarr
 
-from .store import TileTable, read_tile_table
+from ..encode.store import is_complete_store
+from ..errors import FeatureError
+from ..io.atomic import temporary_name
+from ..tiling.table import TileTable, read_tile_table
 
 
 def coords_attrs(table: TileTable) -> dict[str, object]:
@@ -37,7 +41,7 @@ def export_h5(tile_store: str | os.PathLike[str], out_path: str | os.PathLike[st
     table = read_tile_table(tile_store)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = temporary_name(out_path)
     with h5py.File(tmp, "w") as f:
         ds = f.create_dataset("coords", data=table.coords.astype(np.int64))
         for k, v in coords_attrs(table).items():
@@ -50,3 +54,22 @@ def export_h5(tile_store: str | os.PathLike[str], out_path: str | os.PathLike[st
                 fd.attrs[k] = v
     os.replace(tmp, out_path)
     return out_path
+
+
+def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
+    """CLAM/TRIDENT-style HDF5 (`features` + `coords` with their attributes) from a feature store."""
+    store = Path(feature_store)
+    if not is_complete_store(store):
+        raise FeatureError(f"{store}: not a complete feature store; run `wsi-pipeline encode` first")
+    g = zarr.open_group(str(store), mode="r")
+    attrs = dict(g.attrs)
+    tile_store = (store.parent / attrs["tile_store_rel"]).resolve()
+    if not (tile_store / "zarr.json").is_file():
+        tile_store = Path(attrs["tile_store"])
+    coords = np.asarray(g["coords"][...])
+    if not np.array_equal(read_tile_table(tile_store).coords, coords):
+        raise FeatureError(f"{store}: coords differ from the tile table {tile_store}; re-encode the slide")
+    extra = {"encoder": attrs.get("encoder", ""), "dtype": attrs.get("dtype", ""),
+             "weights_sha256": attrs.get("weights_sha256") or "", "revision": attrs.get("revision") or "",
+             "package_version": attrs.get("package_version", "")}
+    return export_h5(tile_store, out_path, features=np.asarray(g["features"][...]), extra_attrs=extra)

@@ -10,25 +10,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from .slide import Slide
+from ..errors import PipelineError
+from ..slide.reader import Slide
+from .config import TilingParams
 
 log = logging.getLogger(__name__)
 
-
-class TilingParams(BaseModel):
-    """Tile geometry: `tile_px` x `tile_px` pixels at `target_mpp` µm/px (256 px at 0.5 µm/px = 128 µm, 20x)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tile_px: int = Field(256, ge=16, le=8192, description="tile side in output pixels")
-    target_mpp: float = Field(0.5, gt=0.05, le=50, description="microns per output pixel (0.5 = 20x, 0.25 = 40x)")
-    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of a tile shared with its neighbour")
-    min_tissue_fraction: float = Field(0.25, ge=0.0, le=1.0, description="drop tiles with less tissue than this")
 
 
 @dataclass(frozen=True)
@@ -101,3 +93,19 @@ def read_tile(slide: Slide, xy: tuple[int, int], geometry: TileGeometry) -> np.n
     # INTER_AREA averages when shrinking (no aliasing); cubic when a coarse slide must be enlarged.
     interp = cv2.INTER_AREA if size > geometry.tile_px else cv2.INTER_CUBIC
     return cv2.resize(region, (geometry.tile_px, geometry.tile_px), interpolation=interp)
+
+
+def geometry_from_attrs(attrs: dict[str, Any]) -> TileGeometry:
+    """The `TileGeometry` stage 1 planned, rebuilt from its tile store's attributes."""
+    try:
+        return TileGeometry(
+            tile_px=int(attrs["tile_px"]), target_mpp=float(attrs["target_mpp"]), slide_mpp=float(attrs["slide_mpp"]),
+            overlap=float(attrs.get("overlap", 0.0)), read_level=int(attrs["read_level"]),
+            level_downsample=float(attrs["level_downsample"]), read_size=int(attrs["read_size"]),
+            tile_size_level0=float(attrs["tile_size_level0"]),
+            stride_level0=float(attrs.get("stride_level0", attrs["tile_size_level0"])),
+            upsampled=bool(attrs.get("upsampled", False)),
+        )
+    except KeyError as err:
+        raise PipelineError(f"tile store of {attrs.get('slide_id', '?')}: attribute {err} missing; rerun "
+                            "`wsi-pipeline tile` for this slide (the store predates this version)") from None

@@ -1,0 +1,23 @@
+"""The one typer app and the one way a command ends on a user-facing error (one line, exit status 1)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Whole-slide images in; tiles, embeddings, MIL models and explanations out.")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def exit_with_error(err: Exception | str) -> NoReturn:
+    """CLI ending for a user-facing error: its one line on stderr, exit status 1, no traceback."""
+    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+    raise typer.Exit(code=1)

@@ -1,0 +1,100 @@
+"""Every path under the results folder and every status word, in one place.
+
+    results/
+      tiles/{slide}.zarr, tiles/{slide}.json          stage 1 store + sidecar
+      qc/{slide}/                                     thumbnails, mask, tissue polygons
+      features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
+      mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
+      attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
+      report.csv|html, run_config.yaml, logs/, .gpu_locks/
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# A slide's status, the same word in every stage's sidecar and in the report.
+STATUS_OK = "ok"
+STATUS_NO_TISSUE = "no tissue"  # stage 1 found no tissue; stage 2 writes an empty store and says the same
+STATUS_SKIPPED = "skipped"  # stage 2 had nothing to read: stage 1 failed or never ran for the slide
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_OK, STATUS_NO_TISSUE, STATUS_SKIPPED, STATUS_FAILED)
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Paths of one results folder: `ResultsLayout("results").tile_store("demo_000")`."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def rel(self, path: Path) -> str:
+        """`path` relative to the results folder (what sidecars record, so a moved folder stays readable)."""
+        return os.path.relpath(path, self.root)
+
+    # stage 1
+    @property
+    def tiles_dir(self) -> Path:
+        return self.root / "tiles"
+
+    def tile_store(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.zarr"
+
+    def tile_sidecar(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.json"
+
+    def qc_dir(self, slide_id: str) -> Path:
+        return self.root / "qc" / slide_id
+
+    # stage 2
+    def feature_dir(self, encoder: str) -> Path:
+        return self.root / "features" / encoder
+
+    def feature_store(self, encoder: str, slide_id: str) -> Path:
+        return self.feature_dir(encoder) / f"{slide_id}.zarr"
+
+    def feature_sidecar(self, encoder: str, slide_id: str) -> Path:
+        return self.feature_dir(encoder) / f"{slide_id}.json"
+
+    def feature_lock(self, encoder: str, slide_id: str) -> Path:
+        return self.feature_dir(encoder) / ".locks" / f"{slide_id}.lock"
+
+    def feature_parts(self, encoder: str, slide_id: str) -> Path:
+        return self.feature_dir(encoder) / f"{slide_id}.parts"
+
+    def encode_shard_summary(self, encoder: str, shard: int, n_shards: int) -> Path:
+        return self.feature_dir(encoder) / "shards" / f"{shard}-of-{n_shards}.json"
+
+    def encode_devices_log(self, encoder: str) -> Path:
+        return self.root / "logs" / "encode" / f"{encoder}-devices.json"
+
+    @property
+    def gpu_locks(self) -> Path:
+        return self.root / ".gpu_locks"
+
+    # stage 3
+    def task_dir(self, task: str) -> Path:
+        return self.root / "mil" / task
+
+    def attention_dir(self, task: str) -> Path:
+        return self.root / "attention" / task
+
+    def heatmap_dir(self, task: str) -> Path:
+        return self.task_dir(task) / "heatmaps"
+
+    # cohort
+    @property
+    def report_csv(self) -> Path:
+        return self.root / "report.csv"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "run_config.yaml"

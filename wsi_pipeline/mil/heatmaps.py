@@ -1,0 +1,59 @@
+"""Attention heatmaps of a trained task: per slide, attention over the plain thumbnail and a gallery of its
+top-attention tiles (PNGs), with `heatmaps/index.json` listing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io.jsonio import write_json_atomic
+from ..layout import ResultsLayout
+
+
+def rank01(scores: np.ndarray) -> np.ndarray:
+    ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
+    return ranks / max(len(scores) - 1, 1)
+
+
+def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
+    """Per slide with attention: heatmap over the plain slide thumbnail and a gallery of the top-k tiles (PNGs)."""
+    import cv2
+    import zarr
+
+    from ..slide.reader import open_slide
+    from ..tiling.geometry import geometry_from_attrs, read_tile
+    from ..tiling.qc import write_png
+    from .plots import attention_heatmap
+
+    layout = ResultsLayout(results)
+    out = layout.heatmap_dir(task)
+    written = {}
+    for att_path in sorted(layout.attention_dir(task).glob("*.zarr")):
+        sid = att_path.stem
+        att = zarr.open_group(str(att_path), mode="r")
+        scores = np.asarray(att["scores"][...], dtype=np.float64)
+        tiles = zarr.open_group(str(layout.tile_store(sid)), mode="r")
+        attrs = dict(tiles.attrs)
+        coords = np.asarray(att["coords"][...]) if "coords" in att else np.asarray(tiles["coords"][...])
+        thumb_path = layout.qc_dir(sid) / "thumbnail_plain.png"
+        if not thumb_path.exists():  # tiled by an earlier version: the QC thumbnail, drawings and all
+            thumb_path = thumb_path.with_name("thumbnail.png")
+        thumb = cv2.cvtColor(cv2.imread(str(thumb_path)), cv2.COLOR_BGR2RGB)
+        scale = thumb.shape[1] / float(attrs["slide_dimensions"][0])  # thumbnail px per level-0 px
+        heat = attention_heatmap(thumb, coords, float(attrs["tile_size_level0"]), scores, scale)
+        write_png(out / f"{sid}_heatmap.png", heat)
+        entry = {"heatmap": str(out / f"{sid}_heatmap.png"), "n_tiles": int(len(scores))}
+        if top_k and len(scores):
+            geometry = geometry_from_attrs(attrs)
+            mpp = float(attrs["slide_mpp"]) if attrs.get("mpp_source") == "override" else None
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            with open_slide(attrs["slide_path"], backend=attrs.get("backend", "auto"), mpp=mpp) as slide:
+                gallery = [read_tile(slide, coords[i], geometry) for i in order]
+            write_png(out / f"{sid}_top{len(order)}.png", np.concatenate(gallery, axis=1))
+            entry["top_tiles"] = coords[order].tolist()
+            entry["top_scores_rank01"] = rank01(scores)[order].round(4).tolist()
+        written[sid] = entry
+    write_json_atomic(out / "index.json", written)
+    return written
