@@ -34,9 +34,9 @@ from common import print_table, write_results  # noqa: E402
 from wsi_pipeline.encode.engine import encode_slide  # noqa: E402
 from wsi_pipeline.encoders import EncoderConfig, TorchTileEncoder, build_encoder  # noqa: E402
 from wsi_pipeline.layout import ResultsLayout  # noqa: E402
-from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
 from wsi_pipeline.synthetic import write_synthetic_slide  # noqa: E402
 from wsi_pipeline.tiling.stage import tile_slide  # noqa: E402
+from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
 
 SHARED = Path(os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "slides"
 
@@ -77,15 +77,17 @@ def encoder_only(enc, batch: int, tile_px: int, seconds: float) -> dict:
     return {"batch": batch, "tiles_per_s": n / (time.perf_counter() - t0)}
 
 
-def make_slides(root: Path, results: Path, n: int, width: int, height: int, include_cmu: bool,
-                prefix: str = "synth", first: int = 0) -> list[str]:
+def make_slides(
+    root: Path, results: Path, n: int, width: int, height: int, include_cmu: bool, prefix: str = "synth", first: int = 0
+) -> list[str]:
     ids = []
     if include_cmu and (SHARED / "cmu-1-small-region.svs").is_file():
         tile_slide(SHARED / "cmu-1-small-region.svs", results)
         ids.append("cmu-1-small-region")
     for i in range(first, first + n):
-        spec = write_synthetic_slide(root / f"{prefix}_{i:03d}.svs", width=width, height=height, mpp=0.5, seed=i,
-                                     jpeg_quality=80)
+        spec = write_synthetic_slide(
+            root / f"{prefix}_{i:03d}.svs", width=width, height=height, mpp=0.5, seed=i, jpeg_quality=80
+        )
         side = tile_slide(spec.path, results)
         if side["n_tiles"]:
             ids.append(f"{prefix}_{i:03d}")
@@ -102,8 +104,13 @@ def engine(enc, cfg: EncoderConfig, results: Path, ids: list[str], batch: int, w
         tiles += side["n_tiles"]
         secs += side["seconds"]
         per_slide.append({"slide": sid, "tiles": side["n_tiles"], "tiles_per_s": side["tiles_per_s"]})
-    return {"tiles": tiles, "seconds": secs, "tiles_per_s": tiles / secs, "peak_rss_mb": peak_rss_mb(),
-            "per_slide": per_slide}
+    return {
+        "tiles": tiles,
+        "seconds": secs,
+        "tiles_per_s": tiles / secs,
+        "peak_rss_mb": peak_rss_mb(),
+        "per_slide": per_slide,
+    }
 
 
 class NaiveTiles(torch.utils.data.Dataset):
@@ -130,9 +137,13 @@ def naive(enc: TorchTileEncoder, results: Path, ids: list[str], batch: int, work
     from torchvision import transforms
 
     prep = enc.preprocessing
-    tf = transforms.Compose([
-        transforms.Resize((prep.size, prep.size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(), transforms.Normalize(prep.mean, prep.std)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((prep.size, prep.size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(prep.mean, prep.std),
+        ]
+    )
     reset_peak_rss()
     tiles, t0, feats = 0, time.perf_counter(), {}
     for sid in ids:
@@ -145,8 +156,13 @@ def naive(enc: TorchTileEncoder, results: Path, ids: list[str], batch: int, work
         feats[sid] = np.concatenate(out)
         tiles += len(table)
     secs = time.perf_counter() - t0
-    return {"tiles": tiles, "seconds": secs, "tiles_per_s": tiles / secs, "peak_rss_mb": peak_rss_mb(),
-            "features": feats}
+    return {
+        "tiles": tiles,
+        "seconds": secs,
+        "tiles_per_s": tiles / secs,
+        "peak_rss_mb": peak_rss_mb(),
+        "features": feats,
+    }
 
 
 def main() -> None:
@@ -158,16 +174,24 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=None, help="batch size for (b) and (c)")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (1 avoids OpenMP stalls on a CPU shared with other jobs)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 avoids OpenMP stalls on a CPU shared with other jobs)",
+    )
     ap.add_argument("--cohort-seconds", type=float, default=60.0, help="GPU: size the cohort to run about this long")
     args = ap.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     quick = args.quick or device.type == "cpu"
-    model_id = args.model_id or ("vit_tiny_patch16_224" if quick and args.encoder == "conceptclip-arch-random"
-                                 else None)
+    model_id = args.model_id or (
+        "vit_tiny_patch16_224" if quick and args.encoder == "conceptclip-arch-random" else None
+    )
     image_size = args.image_size or (224 if model_id == "vit_tiny_patch16_224" else None)
     cfg = EncoderConfig(name=args.encoder, model_id=model_id, image_size=image_size)
     workers = args.workers if args.workers is not None else (2 if quick else min(8, os.cpu_count() or 1))
@@ -206,8 +230,10 @@ def main() -> None:
             for sid in ids:
                 import zarr
 
-                eng = np.asarray(zarr.open_array(str(ResultsLayout(results).feature_store(cfg.name, sid) / "features"))[...],
-                                 dtype=np.float32)
+                eng = np.asarray(
+                    zarr.open_array(str(ResultsLayout(results).feature_store(cfg.name, sid) / "features"))[...],
+                    dtype=np.float32,
+                )
                 ref = c["features"][sid]
                 cos.append((eng * ref).sum(1) / np.linalg.norm(eng, axis=1) / np.linalg.norm(ref, axis=1))
             fidelity = float(np.concatenate(cos).min())
@@ -223,23 +249,47 @@ def main() -> None:
         {"path": "(b) engine", "tiles": b["tiles"], "tiles_per_s": b["tiles_per_s"], "peak_rss_mb": b["peak_rss_mb"]},
     ]
     if c:
-        summary.append({"path": "(c) naive CLAM-style", "tiles": c["tiles"], "tiles_per_s": c["tiles_per_s"],
-                        "peak_rss_mb": c["peak_rss_mb"]})
-    print(f"\nbatch {batch}, {workers} reader workers, {torch.get_num_threads()} torch threads, {len(ids)} slides, "
-          f"load average before {load_before[0]:.2f}")
+        summary.append(
+            {
+                "path": "(c) naive CLAM-style",
+                "tiles": c["tiles"],
+                "tiles_per_s": c["tiles_per_s"],
+                "peak_rss_mb": c["peak_rss_mb"],
+            }
+        )
+    print(
+        f"\nbatch {batch}, {workers} reader workers, {torch.get_num_threads()} torch threads, {len(ids)} slides, "
+        f"load average before {load_before[0]:.2f}"
+    )
     print_table(summary, ["path", "tiles", "tiles_per_s", "peak_rss_mb"])
-    ratios = {"b_over_a": b["tiles_per_s"] / rate_a,
-              "b_over_c": b["tiles_per_s"] / c["tiles_per_s"] if c else None,
-              "min_cosine_engine_vs_naive": fidelity}
+    ratios = {
+        "b_over_a": b["tiles_per_s"] / rate_a,
+        "b_over_c": b["tiles_per_s"] / c["tiles_per_s"] if c else None,
+        "min_cosine_engine_vs_naive": fidelity,
+    }
     print("\n" + "  ".join(f"{k} = {v:.3f}" for k, v in ratios.items() if v is not None))
-    out = write_results("encode", {
-        "encoder": cfg.model_dump(), "device": str(device), "quick": quick, "model_load_seconds": load_s,
-        "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "slides": ids, "encoder_only": rows_a,
-        "engine": b, "naive": c, "ratios": ratios,
-        "notes": "quick: conceptclip-arch-random with model_id vit_tiny_patch16_224 (random weights) at 224 px"
-        if quick else "GPU run",
-    })
+    out = write_results(
+        "encode",
+        {
+            "encoder": cfg.model_dump(),
+            "device": str(device),
+            "quick": quick,
+            "model_load_seconds": load_s,
+            "batch": batch,
+            "workers": workers,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "slides": ids,
+            "encoder_only": rows_a,
+            "engine": b,
+            "naive": c,
+            "ratios": ratios,
+            "notes": "quick: conceptclip-arch-random with model_id vit_tiny_patch16_224 (random weights) at 224 px"
+            if quick
+            else "GPU run",
+        },
+    )
     print(f"\nwrote {out}")
 
 

@@ -88,20 +88,32 @@ def main(argv: list[str] | None = None) -> dict:
             sizes = [1, 2] if quick else [32, 64, 128, 256, 512]
         for bs in sizes:
             row = bench_one(enc, bs, args.tile_size, iters, warmup)
-            row.update(encoder=name, build_s=round(build_s, 2),
-                       precision=args.precision if device.type == "cuda" and name != "stain-texture" else "fp32",
-                       compiled=bool(args.compile and name != "stain-texture"))
+            row.update(
+                encoder=name,
+                build_s=round(build_s, 2),
+                precision=args.precision if device.type == "cuda" and name != "stain-texture" else "fp32",
+                compiled=bool(args.compile and name != "stain-texture"),
+            )
             results.append(row)
-            print(f"{name:>24} bs={bs:<4} {row['tiles_per_s']:>10.2f} tiles/s  {row['ms_per_batch']:>10.1f} ms/batch"
-                  f"  {row.get('peak_mem_gib', '-')} GiB", flush=True)
+            print(
+                f"{name:>24} bs={bs:<4} {row['tiles_per_s']:>10.2f} tiles/s  {row['ms_per_batch']:>10.1f} ms/batch"
+                f"  {row.get('peak_mem_gib', '-')} GiB",
+                flush=True,
+            )
         del enc
-    report = {"benchmark": "encoder_throughput", "machine": machine_info(str(device)), "quick": quick,
-              "results": results}
+    report = {
+        "benchmark": "encoder_throughput",
+        "machine": machine_info(str(device)),
+        "quick": quick,
+        "results": results,
+    }
     print()
     print(f"{'encoder':>24} {'batch':>6} {'tiles/s':>10} {'ms/batch':>10} {'precision':>9}")
     for r in results:
-        print(f"{r['encoder']:>24} {r['batch_size']:>6} {r['tiles_per_s']:>10.2f} {r['ms_per_batch']:>10.1f}"
-              f" {r['precision']:>9}")
+        print(
+            f"{r['encoder']:>24} {r['batch_size']:>6} {r['tiles_per_s']:>10.2f} {r['ms_per_batch']:>10.1f}"
+            f" {r['precision']:>9}"
+        )
     out = args.out or RESULTS / f"encoder_{socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

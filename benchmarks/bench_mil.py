@@ -35,11 +35,24 @@ def main() -> None:
     args = ap.parse_args()
     jobs = [(args.data / f"{name}.csv", args.out / f"mil_{name}.json") for name in args.datasets]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(bench_mil, csv, folds=args.folds, repeats=args.repeats, model=args.model,
-                               readout=args.readout, out_json=out, threads=1) for csv, out in jobs]
+        futures = [
+            pool.submit(
+                bench_mil,
+                csv,
+                folds=args.folds,
+                repeats=args.repeats,
+                model=args.model,
+                readout=args.readout,
+                out_json=out,
+                threads=1,
+            )
+            for csv, out in jobs
+        ]
         results = [f.result() for f in futures]
-    rows = [(name, r["accuracy_mean"], r["accuracy_se"], PAPER.get(name), r["seconds"])
-            for name, r in zip(args.datasets, results, strict=True)]
+    rows = [
+        (name, r["accuracy_mean"], r["accuracy_se"], PAPER.get(name), r["seconds"])
+        for name, r in zip(args.datasets, results, strict=True)
+    ]
     print(f"\n{'dataset':<10}{'accuracy':>10}{'SE':>8}{'paper':>8}{'seconds':>9}")
     for name, acc, se, paper, secs in rows:
         print(f"{name:<10}{acc:>10.3f}{se:>8.3f}{paper or float('nan'):>8.3f}{secs:>9.0f}")

@@ -75,9 +75,18 @@ def main() -> None:
         write_s = time.perf_counter() - t0
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         problem = Problem("classification", "ce", 2, ["a", "b"])
-        base = TrainConfig(epochs=args.epochs, batch_size=1, max_instances=None, quiet=True, device=args.device,
-                           hidden_dim=128, attn_dim=128, class_weights=False, num_threads=args.threads,
-                           cache_bytes=0)
+        base = TrainConfig(
+            epochs=args.epochs,
+            batch_size=1,
+            max_instances=None,
+            quiet=True,
+            device=args.device,
+            hidden_dim=128,
+            attn_dim=128,
+            class_weights=False,
+            num_threads=args.threads,
+            cache_bytes=0,
+        )
         spec = model_spec(base, args.dim, problem)
         zarr_store = ZarrStore(root, cache_bytes=0)
         zarr_store.check(bags)
@@ -85,9 +94,11 @@ def main() -> None:
         held = {b.bag_id: np.asarray(zarr_store.open(b.bag_id)["features"][...]) for b in in_memory}
         memory = ArrayStore(held)
         memory.load = lambda bag: held[bag.bag_id].astype(np.float32)  # type: ignore[method-assign] # same cast
-        runs = [("in memory (fp16 arrays)", memory, in_memory, 0),
-                ("zarr, read in line", zarr_store, bags, 0),
-                (f"zarr, {args.loader_threads} read-ahead threads", zarr_store, bags, args.loader_threads)]
+        runs = [
+            ("in memory (fp16 arrays)", memory, in_memory, 0),
+            ("zarr, read in line", zarr_store, bags, 0),
+            (f"zarr, {args.loader_threads} read-ahead threads", zarr_store, bags, args.loader_threads),
+        ]
         fit(spec, memory, in_memory[:2], [], problem, base.model_copy(update={"epochs": 1}))  # warm-up, untimed
         rows, cold = [], None
         for name, store, subset, loader_threads in runs:
@@ -97,25 +108,38 @@ def main() -> None:
             start = time.perf_counter()
             fit(spec, store, subset, [], problem, cfg)
             epoch_s = (time.perf_counter() - start) / args.epochs
-            rows.append({"source": name, "bags": len(subset), "epoch_s": epoch_s,
-                         "ms_per_bag": 1000 * epoch_s / len(subset)})
+            rows.append(
+                {"source": name, "bags": len(subset), "epoch_s": epoch_s, "ms_per_bag": 1000 * epoch_s / len(subset)}
+            )
             if store is memory:
                 del held  # free the RAM before the Zarr epochs, so the page cache is not squeezed by it
                 memory.arrays = {}
         device = str(resolve_device(args.device))
-        print(f"ABMIL epoch, {args.bags} bags x {args.tiles} tiles x {args.dim} fp16 ({disk / 1e9:.2f} GB on disk), "
-              f"device {device}, torch threads {args.threads}, page cache dropped: {cold}")
+        print(
+            f"ABMIL epoch, {args.bags} bags x {args.tiles} tiles x {args.dim} fp16 ({disk / 1e9:.2f} GB on disk), "
+            f"device {device}, torch threads {args.threads}, page cache dropped: {cold}"
+        )
         print(f"{'source':<30}{'bags':>6}{'epoch [s]':>12}{'ms/bag':>10}{'vs memory':>11}")
         for r in rows:
             r["ratio_vs_memory"] = r["ms_per_bag"] / rows[0]["ms_per_bag"]
-            print(f"{r['source']:<30}{r['bags']:>6}{r['epoch_s']:>12.2f}{r['ms_per_bag']:>10.1f}"
-                  f"{r['ratio_vs_memory']:>11.2f}")
-        result = {"bags": args.bags, "tiles": args.tiles, "dim": args.dim, "epochs": args.epochs,
-                  "memory_bags": len(in_memory), "disk_bytes": disk, "write_s": write_s,
-                  "page_cache_dropped": cold, "rows": rows,
-                  "ratio_zarr_over_memory": rows[-1]["ratio_vs_memory"],
-                  "ratio_zarr_in_line_over_memory": rows[1]["ratio_vs_memory"],
-                  "machine": machine_info(device) | {"torch_threads": args.threads}}
+            print(
+                f"{r['source']:<30}{r['bags']:>6}{r['epoch_s']:>12.2f}{r['ms_per_bag']:>10.1f}"
+                f"{r['ratio_vs_memory']:>11.2f}"
+            )
+        result = {
+            "bags": args.bags,
+            "tiles": args.tiles,
+            "dim": args.dim,
+            "epochs": args.epochs,
+            "memory_bags": len(in_memory),
+            "disk_bytes": disk,
+            "write_s": write_s,
+            "page_cache_dropped": cold,
+            "rows": rows,
+            "ratio_zarr_over_memory": rows[-1]["ratio_vs_memory"],
+            "ratio_zarr_in_line_over_memory": rows[1]["ratio_vs_memory"],
+            "machine": machine_info(device) | {"torch_threads": args.threads},
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     finally:

@@ -46,13 +46,14 @@ from common import machine_info, print_table, write_results  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SLIDE = CACHE / "clam_bench_60k_40x.svs"
-PARAMS = {"width": 60_000, "height": 45_000, "mpp": 0.25, "fmt": "svs", "seed": 0, "tile_size": 256,
-          "jpeg_quality": 80}
+PARAMS = {"width": 60_000, "height": 45_000, "mpp": 0.25, "fmt": "svs", "seed": 0, "tile_size": 256, "jpeg_quality": 80}
 GOALS = {"wall_ratio_max": 0.5, "peak_rss_ratio_max": 1.2}
 HEAVY = ("torch", "transformers", "sklearn", "timm", "open_clip")
-IMPORT_PROBE = ("import json, sys, time; t = time.perf_counter(); import wsi_pipeline.cli; "
-                f"print(json.dumps([time.perf_counter() - t, [m for m in {HEAVY!r} if m in sys.modules], "
-                "sys.modules['wsi_pipeline'].__file__]))")
+IMPORT_PROBE = (
+    "import json, sys, time; t = time.perf_counter(); import wsi_pipeline.cli; "
+    f"print(json.dumps([time.perf_counter() - t, [m for m in {HEAVY!r} if m in sys.modules], "
+    "sys.modules['wsi_pipeline'].__file__]))"
+)
 
 
 def ensure_slide(path: Path = SLIDE, *, force: bool = False) -> Path:
@@ -68,8 +69,18 @@ def ensure_slide(path: Path = SLIDE, *, force: bool = False) -> Path:
     spec = write_synthetic_slide(partial, **PARAMS)
     seconds = time.perf_counter() - t0
     partial.replace(path)
-    meta.write_text(json.dumps({"params": PARAMS, "seconds": round(seconds, 2), "bytes": path.stat().st_size,
-                                "level_dimensions": spec.level_dimensions, "machine": machine_info()}, indent=2))
+    meta.write_text(
+        json.dumps(
+            {
+                "params": PARAMS,
+                "seconds": round(seconds, 2),
+                "bytes": path.stat().st_size,
+                "level_dimensions": spec.level_dimensions,
+                "machine": machine_info(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {seconds:.1f} s")
     return path
 
@@ -113,15 +124,29 @@ def measure(cmd: list[str], cwd: Path, log: Path) -> dict[str, Any]:
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; keep Popen from waiting again
     if proc.returncode != 0:
         sys.exit(f"{cmd[:2]} exited {proc.returncode}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-    return {"wall_s": round(wall, 3), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
-            "tree_rss_sampled_mib": round(peak[0] / 2**20, 1) if peak[0] else None}
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+        "tree_rss_sampled_mib": round(peak[0] / 2**20, 1) if peak[0] else None,
+    }
 
 
 def run_clam(clam: Path, src_dir: Path, slide_id: str, out: Path) -> dict[str, Any]:
     import h5py
 
-    cmd = [sys.executable, "create_patches_fp.py", "--source", str(src_dir), "--save_dir", str(out),
-           "--patch_size", "256", "--seg", "--patch", "--stitch"]
+    cmd = [
+        sys.executable,
+        "create_patches_fp.py",
+        "--source",
+        str(src_dir),
+        "--save_dir",
+        str(out),
+        "--patch_size",
+        "256",
+        "--seg",
+        "--patch",
+        "--stitch",
+    ]
     out.mkdir(parents=True)
     res = measure(cmd, clam, out / "run.log")
     h5 = out / "patches" / f"{slide_id}.h5"
@@ -162,8 +187,9 @@ def main() -> None:
         sys.exit(f"{clam}: no create_patches_fp.py; pass a CLAM checkout with --clam")
 
     # in a fresh interpreter, run outside the checkout (as the console script is) so '' on sys.path finds nothing
-    probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
-                           cwd=Path(sys.executable).parent)
+    probe = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=Path(sys.executable).parent
+    )
     if probe.returncode != 0:
         sys.exit(f"import wsi_pipeline.cli failed:\n{probe.stderr[-3000:]}")
     cli_import_s, heavy, package_file = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -175,8 +201,10 @@ def main() -> None:
     link = src_dir / slide.name
     link.symlink_to(slide)
     slide_id = slide.stem
-    tools = {"clam": lambda out: run_clam(clam, src_dir, slide_id, out),
-             "ours": lambda out: run_ours(link, slide_id, out)}
+    tools = {
+        "clam": lambda out: run_clam(clam, src_dir, slide_id, out),
+        "ours": lambda out: run_ours(link, slide_id, out),
+    }
 
     runs: dict[str, list[dict[str, Any]]] = {"clam": [], "ours": []}
     try:
@@ -185,7 +213,7 @@ def main() -> None:
             print(f"warm-up {name}: {warm['wall_s']:.1f} s, {warm['peak_rss_mib']:.0f} MiB, {warm['n_found']:,}")
             shutil.rmtree(work / f"warmup_{name}")
         for i in range(args.repeats):
-            for name in (("clam", "ours") if i % 2 == 0 else ("ours", "clam")):
+            for name in ("clam", "ours") if i % 2 == 0 else ("ours", "clam"):
                 out = work / f"{name}_{i}"
                 res = tools[name](out)
                 res["round"] = i
@@ -195,43 +223,71 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")} |
-           {"tree_rss_sampled_mib": statistics.median(r["tree_rss_sampled_mib"] or 0 for r in rs) or None}
-           for name, rs in runs.items()}
-    ratios = {"wall": med["ours"]["wall_s"] / med["clam"]["wall_s"],
-              "peak_rss": med["ours"]["peak_rss_mib"] / med["clam"]["peak_rss_mib"]}
-    goals = {"wall_met": ratios["wall"] <= GOALS["wall_ratio_max"],
-             "peak_rss_met": ratios["peak_rss"] <= GOALS["peak_rss_ratio_max"]}
-    rows = [{"tool": name, "runs": len(runs[name]), "median wall s": med[name]["wall_s"],
-             "median peak RSS MiB": med[name]["peak_rss_mib"],
-             "median tree RSS MiB (sampled)": med[name]["tree_rss_sampled_mib"],
-             "tiles/patches": runs[name][0]["n_found"]} for name in ("clam", "ours")]
-    rows.append({"tool": "ours/clam", "median wall s": round(ratios["wall"], 3),
-                 "median peak RSS MiB": round(ratios["peak_rss"], 3),
-                 "tiles/patches": f"goal wall<=0.5: {goals['wall_met']}, rss<=1.2: {goals['peak_rss_met']}"})
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")}
+        | {"tree_rss_sampled_mib": statistics.median(r["tree_rss_sampled_mib"] or 0 for r in rs) or None}
+        for name, rs in runs.items()
+    }
+    ratios = {
+        "wall": med["ours"]["wall_s"] / med["clam"]["wall_s"],
+        "peak_rss": med["ours"]["peak_rss_mib"] / med["clam"]["peak_rss_mib"],
+    }
+    goals = {
+        "wall_met": ratios["wall"] <= GOALS["wall_ratio_max"],
+        "peak_rss_met": ratios["peak_rss"] <= GOALS["peak_rss_ratio_max"],
+    }
+    rows = [
+        {
+            "tool": name,
+            "runs": len(runs[name]),
+            "median wall s": med[name]["wall_s"],
+            "median peak RSS MiB": med[name]["peak_rss_mib"],
+            "median tree RSS MiB (sampled)": med[name]["tree_rss_sampled_mib"],
+            "tiles/patches": runs[name][0]["n_found"],
+        }
+        for name in ("clam", "ours")
+    ]
+    rows.append(
+        {
+            "tool": "ours/clam",
+            "median wall s": round(ratios["wall"], 3),
+            "median peak RSS MiB": round(ratios["peak_rss"], 3),
+            "tiles/patches": f"goal wall<=0.5: {goals['wall_met']}, rss<=1.2: {goals['peak_rss_met']}",
+        }
+    )
     print()
-    print_table(rows, ["tool", "runs", "median wall s", "median peak RSS MiB", "median tree RSS MiB (sampled)",
-                       "tiles/patches"])
+    print_table(
+        rows, ["tool", "runs", "median wall s", "median peak RSS MiB", "median tree RSS MiB (sampled)", "tiles/patches"]
+    )
     print(f"cli import: {cli_import_s:.3f} s, heavy modules loaded: {heavy or 'none'}")
 
-    path = write_results("tile_vs_clam", {
-        "slide": {"path": str(slide), "params": PARAMS, "bytes": slide.stat().st_size},
-        "clam": {"path": str(clam), "commit": args.clam_commit or _git_head(clam) or "unknown",
-                 "preset": "none (script defaults)",
-                 "command": "create_patches_fp.py --source DIR --save_dir OUT --patch_size 256 --seg --patch --stitch"},
-        "ours": {"command": "wsi-pipeline tile SLIDE --out OUT (defaults)", "package": package_file,
-                 "repo_head": _git_head(Path(__file__).resolve().parents[1]),
-                 "PYTHONPATH": os.environ.get("PYTHONPATH")},
-        "repeats": args.repeats,
-        "runs": runs,
-        "medians": med,
-        "ratios_ours_over_clam": ratios,
-        "goals": GOALS | goals,
-        "cli_import_seconds": cli_import_s,
-        "heavy_modules_loaded": heavy,
-        "rss_note": "peak_rss_mib = wait4 ru_maxrss: largest single process of the tree; tree_rss_sampled_mib = "
-                    "sampled sum of RSS over the tree (over-counts shared pages of forked workers)",
-    })
+    path = write_results(
+        "tile_vs_clam",
+        {
+            "slide": {"path": str(slide), "params": PARAMS, "bytes": slide.stat().st_size},
+            "clam": {
+                "path": str(clam),
+                "commit": args.clam_commit or _git_head(clam) or "unknown",
+                "preset": "none (script defaults)",
+                "command": "create_patches_fp.py --source DIR --save_dir OUT --patch_size 256 --seg --patch --stitch",
+            },
+            "ours": {
+                "command": "wsi-pipeline tile SLIDE --out OUT (defaults)",
+                "package": package_file,
+                "repo_head": _git_head(Path(__file__).resolve().parents[1]),
+                "PYTHONPATH": os.environ.get("PYTHONPATH"),
+            },
+            "repeats": args.repeats,
+            "runs": runs,
+            "medians": med,
+            "ratios_ours_over_clam": ratios,
+            "goals": GOALS | goals,
+            "cli_import_seconds": cli_import_s,
+            "heavy_modules_loaded": heavy,
+            "rss_note": "peak_rss_mib = wait4 ru_maxrss: largest single process of the tree; tree_rss_sampled_mib = "
+            "sampled sum of RSS over the tree (over-counts shared pages of forked workers)",
+        },
+    )
     print(f"results: {path}")
 
 

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from wsi_pipeline.slide.reader import open_slide  # noqa: E402
-from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
-from wsi_pipeline.tiling.stage import tile_slide  # noqa: E402
 from wsi_pipeline.tiling.config import TilingParams  # noqa: E402
 from wsi_pipeline.tiling.geometry import plan_geometry, read_tile  # noqa: E402
+from wsi_pipeline.tiling.stage import tile_slide  # noqa: E402
+from wsi_pipeline.tiling.table import read_tile_table  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
 
@@ -56,8 +56,14 @@ def compare_reads(path: Path, coords: np.ndarray, mpp: float | None, rounds: int
             ours_t += time.perf_counter() - t
         osr.close()
     n = len(coords) * rounds
-    return {"tiles": n, "ours_tiles_per_s": n / ours_t, "bare_tiles_per_s": n / bare_t, "ratio": bare_t / ours_t,
-            "read_level": geometry.read_level, "read_size": geometry.read_size}
+    return {
+        "tiles": n,
+        "ours_tiles_per_s": n / ours_t,
+        "bare_tiles_per_s": n / bare_t,
+        "ratio": bare_t / ours_t,
+        "read_level": geometry.read_level,
+        "read_size": geometry.read_size,
+    }
 
 
 def main() -> None:
@@ -90,8 +96,16 @@ def main() -> None:
             pick = table.coords[rng.choice(len(table), size=min(args.tiles, len(table)), replace=False)]
             reads = compare_reads(path, pick, mpp, rounds=3 if len(pick) < 200 else 1)
             w, h = side["slide"]["dimensions"]
-            rows.append({"slide": name, "size": f"{w}x{h}", "n_tiles": side["n_tiles"], "tiling_s": seconds,
-                         "tiles_per_s_tiling": side["n_tiles"] / seconds, **reads})
+            rows.append(
+                {
+                    "slide": name,
+                    "size": f"{w}x{h}",
+                    "n_tiles": side["n_tiles"],
+                    "tiling_s": seconds,
+                    "tiles_per_s_tiling": side["n_tiles"] / seconds,
+                    **reads,
+                }
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows, ["slide", "size", "n_tiles", "tiling_s", "ours_tiles_per_s", "bare_tiles_per_s", "ratio"])

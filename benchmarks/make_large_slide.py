@@ -23,8 +23,15 @@ from wsi_pipeline.synthetic import write_synthetic_slide  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 LARGE = CACHE / "large_40x.svs"
-PARAMS = {"width": 100_000, "height": 80_000, "mpp": 0.25, "fmt": "svs", "seed": 0, "tile_size": 256,
-          "jpeg_quality": 80}
+PARAMS = {
+    "width": 100_000,
+    "height": 80_000,
+    "mpp": 0.25,
+    "fmt": "svs",
+    "seed": 0,
+    "tile_size": 256,
+    "jpeg_quality": 80,
+}
 
 
 def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
@@ -52,8 +59,10 @@ def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
     }
     meta.write_text(json.dumps(result, indent=2))
     print(f"{'slide':<28}{'size (px)':>18}{'levels':>8}{'tiles':>10}{'GiB':>8}{'seconds':>10}")
-    print(f"{path.name:<28}{PARAMS['width']:>9,} x {PARAMS['height']:<7,}{len(spec.level_downsamples):>8}"
-          f"{n_tiles:>10,}{result['bytes'] / 2**30:>8.2f}{seconds:>10.1f}")
+    print(
+        f"{path.name:<28}{PARAMS['width']:>9,} x {PARAMS['height']:<7,}{len(spec.level_downsamples):>8}"
+        f"{n_tiles:>10,}{result['bytes'] / 2**30:>8.2f}{seconds:>10.1f}"
+    )
     return path
 
 

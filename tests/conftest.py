@@ -18,8 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA}: shared test data not found; set WSI_SHARED_DATA to the folder holding "
-                    "slides/ and mil/")
+        pytest.fail(
+            f"{SHARED_DATA}: shared test data not found; set WSI_SHARED_DATA to the folder holding slides/ and mil/"
+        )
     return SHARED_DATA
 
 

@@ -42,8 +42,9 @@ class SourcePixels:
         return 40 if mpp <= 0.3 else 20 if mpp <= 0.6 else 10
 
 
-def synthetic_source(path: Path, *, width: int = 4096, height: int = 3072, mpp: float = 0.5,
-                     seed: int = 3) -> SourcePixels:
+def synthetic_source(
+    path: Path, *, width: int = 4096, height: int = 3072, mpp: float = 0.5, seed: int = 3
+) -> SourcePixels:
     """Write a synthetic Aperio SVS and decode its levels, label and macro with tifffile."""
     spec = write_synthetic_slide(path, width=width, height=height, mpp=mpp, seed=seed, fmt="svs")
     with tifffile.TiffFile(spec.path) as tf:
@@ -60,16 +61,16 @@ def _tiles(img: np.ndarray, tile: int) -> Iterator[np.ndarray]:
     padded = np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
     for y in range(0, ph, tile):
         for x in range(0, pw, tile):
-            yield np.ascontiguousarray(padded[y:y + tile, x:x + tile])
+            yield np.ascontiguousarray(padded[y : y + tile, x : x + tile])
 
 
 def _jpeg_422(img: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     """Baseline JPEG in YCbCr with 4:2:2 chroma subsampling, which is what DICOM calls YBR_FULL_422."""
-    return imagecodecs.jpeg8_encode(img, level=quality, colorspace="RGB", outcolorspace="YCBCR",
-                                    subsampling=(2, 1))
+    return imagecodecs.jpeg8_encode(img, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 1))
 
 
 # -- DICOM WSI --------------------------------------------------------------------------------------------------
+
 
 def _code(value: str, scheme: str, meaning: str):
     from pydicom.dataset import Dataset
@@ -84,8 +85,16 @@ def _ds(value: float) -> str:
     return f"{value:.10g}"[:16]
 
 
-def _wsi_dataset(src: SourcePixels, uids: dict[str, str], image_type: list[str], size: tuple[int, int],
-                 tile: tuple[int, int], n_frames: int, spacing_mm: float | None, instance: int):
+def _wsi_dataset(
+    src: SourcePixels,
+    uids: dict[str, str],
+    image_type: list[str],
+    size: tuple[int, int],
+    tile: tuple[int, int],
+    n_frames: int,
+    spacing_mm: float | None,
+    instance: int,
+):
     """One instance of the VL Whole Slide Microscopy Image IOD (TILED_FULL), without its pixel data."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -134,7 +143,7 @@ def _wsi_dataset(src: SourcePixels, uids: dict[str, str], image_type: list[str],
     ds.DimensionOrganizationType = "TILED_FULL"
     ds.NumberOfOpticalPaths = 1
     ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
-    ds.LossyImageCompressionRatio = _ds(size[0] * size[1] * 3 / max(1, n_frames * 2 ** 14))
+    ds.LossyImageCompressionRatio = _ds(size[0] * size[1] * 3 / max(1, n_frames * 2**14))
     # slide geometry: matrix columns run along -Y of the slide, rows along -X (PS3.3 C.8.12.9)
     ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
     origin = Dataset()
@@ -185,8 +194,9 @@ def write_dicom_wsi(src: SourcePixels, folder: Path, *, tile: int = 256, associa
         frames = [_jpeg_422(t) for t in _tiles(img, tile)]
         image_type = ["DERIVED", "PRIMARY", "VOLUME", "NONE" if i == 0 else "RESAMPLED"]
         spacing = src.spec.mpp * ds_factor / 1000 if src.spec.mpp else None
-        ds = _wsi_dataset(src, uids, image_type, (img.shape[1], img.shape[0]), (tile, tile), len(frames),
-                          spacing, i + 1)
+        ds = _wsi_dataset(
+            src, uids, image_type, (img.shape[1], img.shape[0]), (tile, tile), len(frames), spacing, i + 1
+        )
         path = folder / f"level-{i}.dcm"
         _save_with_frames(ds, frames, path)
         written.append(path)
@@ -194,8 +204,9 @@ def write_dicom_wsi(src: SourcePixels, folder: Path, *, tile: int = 256, associa
         for n, (kind, img) in enumerate((("LABEL", src.label), ("OVERVIEW", src.macro))):
             size = (img.shape[1], img.shape[0])
             # a single frame as large as the image: how OpenSlide and wsidicom expect non-tiled images
-            ds = _wsi_dataset(src, uids, ["DERIVED", "PRIMARY", kind, "NONE"], size, size, 1, None,
-                              len(src.levels) + n + 1)
+            ds = _wsi_dataset(
+                src, uids, ["DERIVED", "PRIMARY", kind, "NONE"], size, size, 1, None, len(src.levels) + n + 1
+            )
             path = folder / f"{kind.lower()}.dcm"
             _save_with_frames(ds, [_jpeg_422(img)], path)
             written.append(path)
@@ -204,9 +215,9 @@ def write_dicom_wsi(src: SourcePixels, folder: Path, *, tile: int = 256, associa
 
 # -- Philips TIFF -----------------------------------------------------------------------------------------------
 
+
 def _attr(name: str, group: int, element: int, vr: str, value: str) -> str:
-    return (f'<Attribute Name="{name}" Group="0x{group:04X}" Element="0x{element:04X}" PMSVR="{vr}">'
-            f"{value}</Attribute>")
+    return f'<Attribute Name="{name}" Group="0x{group:04X}" Element="0x{element:04X}" PMSVR="{vr}">{value}</Attribute>'
 
 
 def _spacing(mm: float) -> str:
@@ -220,37 +231,53 @@ def philips_xml(src: SourcePixels) -> str:
     mpp = src.spec.mpp or 0.25
     reps = []
     for i, (img, d) in enumerate(zip(src.levels, src.spec.level_downsamples, strict=True)):
-        reps.append('<DataObject ObjectType="PixelDataRepresentation">'
-                    + _attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray", _spacing(mpp * d / 1000))
-                    + _attr("PIIM_PIXEL_DATA_REPRESENTATION_NUMBER", 0x101D, 0x1009, "IUInt32", str(i))
-                    + _attr("PIIM_PIXEL_DATA_REPRESENTATION_COLUMNS", 0x2001, 0x115E, "IUInt32",
-                            str(img.shape[1]))
-                    + _attr("PIIM_PIXEL_DATA_REPRESENTATION_ROWS", 0x2001, 0x115D, "IUInt32", str(img.shape[0]))
-                    + "</DataObject>")
+        reps.append(
+            '<DataObject ObjectType="PixelDataRepresentation">'
+            + _attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray", _spacing(mpp * d / 1000))
+            + _attr("PIIM_PIXEL_DATA_REPRESENTATION_NUMBER", 0x101D, 0x1009, "IUInt32", str(i))
+            + _attr("PIIM_PIXEL_DATA_REPRESENTATION_COLUMNS", 0x2001, 0x115E, "IUInt32", str(img.shape[1]))
+            + _attr("PIIM_PIXEL_DATA_REPRESENTATION_ROWS", 0x2001, 0x115D, "IUInt32", str(img.shape[0]))
+            + "</DataObject>"
+        )
     derivation = f"tiff-useBigTIFF=0-useRgb=0-levels={src.objective_power}-processing=0-q{JPEG_QUALITY}"
-    wsi = ('<DataObject ObjectType="DPScannedImage">'
-           + _attr("DICOM_DERIVATION_DESCRIPTION", 0x0008, 0x2111, "IString", escape(derivation))
-           + _attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray", _spacing(mpp / 1000))
-           + _attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", "WSI")
-           + _attr("PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE", 0x1001, 0x8B01, "IDataObjectArray",
-                   "<Array>" + "".join(reps) + "</Array>")
-           + "</DataObject>")
+    wsi = (
+        '<DataObject ObjectType="DPScannedImage">'
+        + _attr("DICOM_DERIVATION_DESCRIPTION", 0x0008, 0x2111, "IString", escape(derivation))
+        + _attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray", _spacing(mpp / 1000))
+        + _attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", "WSI")
+        + _attr(
+            "PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE",
+            0x1001,
+            0x8B01,
+            "IDataObjectArray",
+            "<Array>" + "".join(reps) + "</Array>",
+        )
+        + "</DataObject>"
+    )
 
     def associated(kind: str, img: np.ndarray) -> str:
         data = base64.b64encode(imagecodecs.jpeg8_encode(img, level=JPEG_QUALITY)).decode("ascii")
-        return ('<DataObject ObjectType="DPScannedImage">'
-                + _attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", kind)
-                + _attr("PIM_DP_IMAGE_DATA", 0x101D, 0x1005, "IString", data)
-                + "</DataObject>")
+        return (
+            '<DataObject ObjectType="DPScannedImage">'
+            + _attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", kind)
+            + _attr("PIM_DP_IMAGE_DATA", 0x101D, 0x1005, "IString", data)
+            + "</DataObject>"
+        )
 
     barcode = base64.b64encode(f"SYNTH-{src.spec.seed}".encode()).decode("ascii")
-    return ('<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
-            + _attr("DICOM_MANUFACTURER", 0x0008, 0x0070, "IString", "wsi_pipeline synthetic")
-            + _attr("PIM_DP_UFS_BARCODE", 0x101D, 0x1002, "IString", barcode)
-            + _attr("PIM_DP_SCANNED_IMAGES", 0x101D, 0x1003, "IDataObjectArray",
-                    "<Array>" + wsi + associated("LABELIMAGE", src.label) + associated("MACROIMAGE", src.macro)
-                    + "</Array>")
-            + "</DataObject>\n")
+    return (
+        '<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
+        + _attr("DICOM_MANUFACTURER", 0x0008, 0x0070, "IString", "wsi_pipeline synthetic")
+        + _attr("PIM_DP_UFS_BARCODE", 0x101D, 0x1002, "IString", barcode)
+        + _attr(
+            "PIM_DP_SCANNED_IMAGES",
+            0x101D,
+            0x1003,
+            "IDataObjectArray",
+            "<Array>" + wsi + associated("LABELIMAGE", src.label) + associated("MACROIMAGE", src.macro) + "</Array>",
+        )
+        + "</DataObject>\n"
+    )
 
 
 def write_philips_tiff(src: SourcePixels, path: Path, *, tile: int = 256) -> Path:
@@ -260,10 +287,19 @@ def write_philips_tiff(src: SourcePixels, path: Path, *, tile: int = 256) -> Pat
     with tifffile.TiffWriter(path) as tw:
         for i, (img, d) in enumerate(zip(src.levels, src.spec.level_downsamples, strict=True)):
             first = {"description": philips_xml(src), "software": "Philips DP v1.0"} if i == 0 else {}
-            tw.write(img, photometric="rgb", tile=(tile, tile), compression="jpeg",
-                     compressionargs={"level": JPEG_QUALITY}, subsampling=(2, 2), subfiletype=int(i > 0),
-                     metadata=None, resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER",
-                     **first)
+            tw.write(
+                img,
+                photometric="rgb",
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": JPEG_QUALITY},
+                subsampling=(2, 2),
+                subfiletype=int(i > 0),
+                metadata=None,
+                resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)),
+                resolutionunit="CENTIMETER",
+                **first,
+            )
     return path
 
 
@@ -274,8 +310,14 @@ def write_philips_tiff(src: SourcePixels, path: Path, *, tile: int = 256) -> Pat
 # where each restart interval starts so OpenSlide need not scan for them.
 NDPI_FORMAT_FLAG, NDPI_SOURCELENS, NDPI_XOFFSET, NDPI_YOFFSET, NDPI_FOCAL_PLANE = 65420, 65421, 65422, 65423, 65424
 NDPI_MCU_STARTS = 65426
-_TIFF_TYPES = {"ascii": (2, "s", 1), "short": (3, "H", 2), "long": (4, "I", 4), "rational": (5, "I", 4),
-               "slong": (9, "i", 4), "float": (11, "f", 4)}
+_TIFF_TYPES = {
+    "ascii": (2, "s", 1),
+    "short": (3, "H", 2),
+    "long": (4, "I", 4),
+    "rational": (5, "I", 4),
+    "slong": (9, "i", 4),
+    "float": (11, "f", 4),
+}
 
 
 def _jpeg_with_restarts(img: np.ndarray, restart_mcus: int) -> bytes:
@@ -285,8 +327,14 @@ def _jpeg_with_restarts(img: np.ndarray, restart_mcus: int) -> bytes:
     ("found marker 0xd9 instead of RST0") on 16 px high MCUs; 4:2:2 and 4:4:4 (8 px high MCUs) read fine."""
     import cv2
 
-    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_RST_INTERVAL, restart_mcus,
-              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422]
+    params = [
+        cv2.IMWRITE_JPEG_QUALITY,
+        JPEG_QUALITY,
+        cv2.IMWRITE_JPEG_RST_INTERVAL,
+        restart_mcus,
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+    ]
     ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]), params)
     assert ok
     return buf.tobytes()
@@ -296,8 +344,8 @@ def _restart_offsets(data: bytes) -> list[int]:
     """Offsets (from the JPEG's start) where each restart interval's entropy-coded data begins."""
     i = 2
     while data[i + 1] != 0xDA:  # walk marker segments up to and including start-of-scan
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     starts, j = [i], i
     while (j := data.find(b"\xff", j)) != -1 and j < len(data) - 2:
         if 0xD0 <= data[j + 1] <= 0xD7:
@@ -306,14 +354,26 @@ def _restart_offsets(data: bytes) -> list[int]:
     return starts
 
 
-def _ndpi_entries(w: int, h: int, strip: tuple[int, int], lens: float, res_per_cm: float | None,
-                  mcu_starts: list[int] | None) -> list[tuple[int, str, list]]:
+def _ndpi_entries(
+    w: int, h: int, strip: tuple[int, int], lens: float, res_per_cm: float | None, mcu_starts: list[int] | None
+) -> list[tuple[int, str, list]]:
     entries: list[tuple[int, str, list]] = [
-        (256, "long", [w]), (257, "long", [h]), (258, "short", [8, 8, 8]), (259, "short", [7]),
-        (262, "short", [6]), (271, "ascii", [b"Hamamatsu\0"]), (272, "ascii", [b"synthetic\0"]),
-        (273, "long", [strip[0]]), (277, "short", [3]), (278, "long", [h]), (279, "long", [strip[1]]),
-        (NDPI_FORMAT_FLAG, "long", [1]), (NDPI_SOURCELENS, "float", [lens]), (NDPI_XOFFSET, "slong", [0]),
-        (NDPI_YOFFSET, "slong", [0]), (NDPI_FOCAL_PLANE, "slong", [0]),
+        (256, "long", [w]),
+        (257, "long", [h]),
+        (258, "short", [8, 8, 8]),
+        (259, "short", [7]),
+        (262, "short", [6]),
+        (271, "ascii", [b"Hamamatsu\0"]),
+        (272, "ascii", [b"synthetic\0"]),
+        (273, "long", [strip[0]]),
+        (277, "short", [3]),
+        (278, "long", [h]),
+        (279, "long", [strip[1]]),
+        (NDPI_FORMAT_FLAG, "long", [1]),
+        (NDPI_SOURCELENS, "float", [lens]),
+        (NDPI_XOFFSET, "slong", [0]),
+        (NDPI_YOFFSET, "slong", [0]),
+        (NDPI_FOCAL_PLANE, "slong", [0]),
     ]
     if res_per_cm is not None:
         num = round(res_per_cm * 1000)
@@ -347,8 +407,9 @@ def write_ndpi(src: SourcePixels, path: Path, *, tile: int = 256) -> Path:
         strip_at = len(out)
         out += data
         starts = _restart_offsets(data) if rst else None
-        entries = _ndpi_entries(img.shape[1], img.shape[0], (strip_at, len(data)), lens, res,
-                                starts if starts and len(starts) > 1 else None)
+        entries = _ndpi_entries(
+            img.shape[1], img.shape[0], (strip_at, len(data)), lens, res, starts if starts and len(starts) > 1 else None
+        )
         # out-of-line values first (they precede their IFD, as OpenSlide's offset heuristics expect)
         fields = []
         for tag, kind, values in entries:
@@ -366,7 +427,7 @@ def write_ndpi(src: SourcePixels, path: Path, *, tile: int = 256) -> Path:
                 out += payload
         out += b"\0" * (len(out) % 2)
         ifd_at = len(out)
-        out[next_ptr:next_ptr + 4] = struct.pack("<I", ifd_at)
+        out[next_ptr : next_ptr + 4] = struct.pack("<I", ifd_at)
         out += struct.pack("<H", len(fields))
         for tag, code, count, value in fields:
             out += struct.pack("<HHI", tag, code, count) + value

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "srun",
-            "scancel")
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "srun", "scancel")
 INSTALL_HINT = "run tests/install_slurm.sh (as root) to install slurmctld, slurmd, slurm-client and munge"
 MIN_JOB_AGE_S = 600  # finished jobs stay in slurmctld this long: the squeue status check must still see them
 
@@ -52,16 +51,16 @@ class SlurmCluster:
         env = dict(os.environ if base is None else base)
         env["SLURM_CONF"] = str(self.conf)
         # bin/ holds the srun shim (see _write_srun_shim); it goes first so jobs find it
-        env["PATH"] = os.pathsep.join([str(self.root / "bin"), *(str(p) for p in path_prepend or []),
-                                       env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join(
+            [str(self.root / "bin"), *(str(p) for p in path_prepend or []), env.get("PATH", "")]
+        )
         # a SLURM_* variable inherited from an outer job would redirect our clients to that job's cluster
         for key in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SBATCH_", "SRUN_"))]:
             del env[key]
         return env
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout,
-                              check=check)
+        return subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout, check=check)
 
     def node_state(self) -> str:
         out = self.run("sinfo", "--noheader", "--nodes", self.node, "--format=%T", check=False)
@@ -113,8 +112,9 @@ class SlurmCluster:
 
 def _search_path(search_path: str | None) -> str:
     # daemons live in /usr/sbin, which a non-login PATH may lack
-    return search_path if search_path is not None else os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
-                                                                         "/sbin"])
+    return (
+        search_path if search_path is not None else os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    )
 
 
 def missing_binaries(search_path: str | None = None) -> list[str]:
@@ -159,12 +159,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path}
-StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
-SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={root / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={root / 'log' / 'slurmd.log'}
+StateSaveLocation={root / "state"}
+SlurmdSpoolDir={root / "spool"}
+SlurmctldPidFile={root / "run" / "slurmctld.pid"}
+SlurmdPidFile={root / "run" / "slurmd.pid"}
+SlurmctldLogFile={root / "log" / "slurmctld.log"}
+SlurmdLogFile={root / "log" / "slurmd.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -227,8 +227,9 @@ def _wait(predicate, timeout: float, what: str, cluster: SlurmCluster) -> None:
     while time.monotonic() < deadline:
         for name, proc in cluster.procs.items():
             if proc.poll() is not None:
-                raise SlurmUnavailable(f"{name} exited with code {proc.returncode} while waiting for {what}\n"
-                                       + cluster.log_tail())
+                raise SlurmUnavailable(
+                    f"{name} exited with code {proc.returncode} while waiting for {what}\n" + cluster.log_tail()
+                )
         if predicate():
             return
         time.sleep(0.3)
@@ -237,13 +238,15 @@ def _wait(predicate, timeout: float, what: str, cluster: SlurmCluster) -> None:
 
 def _spawn(cluster: SlurmCluster, name: str, cmd: list[str]) -> None:
     out = open(cluster.root / "log" / f"{name}.stdout", "wb")  # noqa: SIM115 - lives as long as the daemon
-    cluster.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env(),
-                                           start_new_session=True)
+    cluster.procs[name] = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env(), start_new_session=True
+    )
 
 
 @contextmanager
-def start_cluster(root: Path | None = None, partition: str = "cpu", timeout: float = 60,
-                  search_path: str | None = None) -> Iterator[SlurmCluster]:
+def start_cluster(
+    root: Path | None = None, partition: str = "cpu", timeout: float = 60, search_path: str | None = None
+) -> Iterator[SlurmCluster]:
     """Start munged + slurmctld + slurmd, wait until the node is idle, yield, then stop them and clean up."""
     missing = missing_binaries(search_path)
     if missing:
@@ -263,16 +266,32 @@ def start_cluster(root: Path | None = None, partition: str = "cpu", timeout: flo
     munge = root / "munge"
     key = munge / "munge.key"
     try:
-        subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True,
-                       timeout=30)
+        subprocess.run(
+            [_which("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True, timeout=30
+        )
         key.chmod(0o600)
-        _spawn(cluster, "munged", [_which("munged"), "--foreground", "--force", f"--socket={munge / 'munge.socket'}",
-                                   f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
-                                   f"--log-file={root / 'log' / 'munged.log'}", f"--seed-file={munge / 'seed'}"])
+        _spawn(
+            cluster,
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={munge / 'munge.socket'}",
+                f"--key-file={key}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={root / 'log' / 'munged.log'}",
+                f"--seed-file={munge / 'seed'}",
+            ],
+        )
         _wait(lambda: (munge / "munge.socket").exists(), 20, "munged's socket", cluster)
         _spawn(cluster, "slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(conf)])
-        _wait(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, timeout,
-              "slurmctld to answer `scontrol ping`", cluster)
+        _wait(
+            lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0,
+            timeout,
+            "slurmctld to answer `scontrol ping`",
+            cluster,
+        )
         _spawn(cluster, "slurmd", [_which("slurmd"), "-D", "-f", str(conf), "-N", node])
         _wait(lambda: cluster.node_state() == "idle", timeout, f"node {node} to be idle in sinfo", cluster)
         yield cluster

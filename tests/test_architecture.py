@@ -14,9 +14,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_pipeline"
 
 # Stage order: a module may import its own layer and lower ones only.
 LAYERS = {
-    "errors": 0, "layout": 0, "io": 0, "machine": 0, "devices": 0, "synthetic": 0,
-    "slide": 1, "tiling": 2, "encoders": 3, "encode": 4, "mil": 5, "explain": 6, "report": 7,
-    "config": 8, "cli": 9, "__main__": 10,
+    "errors": 0,
+    "layout": 0,
+    "io": 0,
+    "machine": 0,
+    "devices": 0,
+    "synthetic": 0,
+    "slide": 1,
+    "tiling": 2,
+    "encoders": 3,
+    "encode": 4,
+    "mil": 5,
+    "explain": 6,
+    "report": 7,
+    "config": 8,
+    "cli": 9,
+    "__main__": 10,
 }
 
 
@@ -69,7 +82,7 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for dep in sorted(edges[node]):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep] if dep in stack else [node, dep])
+                cycles.append(stack[stack.index(dep) :] + [dep] if dep in stack else [node, dep])
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[node] = 2
@@ -85,8 +98,9 @@ def test_no_private_names_across_modules() -> None:
     for path in PACKAGE.rglob("*.py"):
         for target, names in imports_of(path):
             if target.startswith("wsi_pipeline"):
-                offenders += [f"{module_name(path)}: {target}.{n}" for n in names if n.startswith("_")
-                              and n != "__version__"]
+                offenders += [
+                    f"{module_name(path)}: {target}.{n}" for n in names if n.startswith("_") and n != "__version__"
+                ]
     assert not offenders, offenders
 
 
@@ -95,8 +109,9 @@ def test_imports_flow_one_way_through_the_stages() -> None:
         top = mod.split(".")[1] if "." in mod else ""
         return LAYERS.get(top, -1)
 
-    backwards = [f"{m} -> {d}" for m, deps in package_graph().items() for d in deps
-                 if layer(m) >= 0 and layer(d) > layer(m)]
+    backwards = [
+        f"{m} -> {d}" for m, deps in package_graph().items() for d in deps if layer(m) >= 0 and layer(d) > layer(m)
+    ]
     assert not backwards, backwards
 
 
@@ -106,21 +121,26 @@ def test_modules_stay_small() -> None:
 
 
 def test_only_the_cli_imports_typer() -> None:
-    users = [module_name(p) for p in PACKAGE.rglob("*.py")
-             if any(t == "typer" or t.startswith("typer.") for t, _ in imports_of(p))
-             and not module_name(p).startswith("wsi_pipeline.cli")]
+    users = [
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if any(t == "typer" or t.startswith("typer.") for t, _ in imports_of(p))
+        and not module_name(p).startswith("wsi_pipeline.cli")
+    ]
     assert not users, f"typer imported outside wsi_pipeline.cli: {users}"
 
 
 @pytest.mark.parametrize("argv", [["tile", "--help"], ["--help"]])
 def test_light_commands_load_no_heavy_library(argv: list[str]) -> None:
     """What a tile job loads: never torch, transformers or scikit-learn (seconds and ~800 MB per slide)."""
-    code = ("import sys\nfrom wsi_pipeline.cli import app\n"
-            "from wsi_pipeline.config import load_config\nfrom wsi_pipeline.tiling.stage import tile_slide\n"
-            "load_config(None)\n"
-            f"sys.argv = ['wsi-pipeline', *{argv!r}]\n"
-            "try:\n    app()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'sklearn', 'timm', 'open_clip') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
+    code = (
+        "import sys\nfrom wsi_pipeline.cli import app\n"
+        "from wsi_pipeline.config import load_config\nfrom wsi_pipeline.tiling.stage import tile_slide\n"
+        "load_config(None)\n"
+        f"sys.argv = ['wsi-pipeline', *{argv!r}]\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sklearn', 'timm', 'open_clip') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.slide.cohort import cohort_from_glob, read_sample_sheet
 from wsi_pipeline.config import load_config
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.slide.cohort import cohort_from_glob, read_sample_sheet
 
 
 def _sheet(tmp_path: Path, text: str) -> Path:

@@ -20,21 +20,21 @@ from typer.testing import CliRunner
 
 from wsi_pipeline import __version__
 from wsi_pipeline.encode import store as features
+from wsi_pipeline.encode.cohort import open_cohort
 from wsi_pipeline.encode.engine import encode_slide
-from wsi_pipeline.layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, STATUS_SKIPPED, ResultsLayout
+from wsi_pipeline.encode.loader import SlideSource, TileBatchDataset, make_loader
+from wsi_pipeline.encode.store import StoreLayout, plan_layout
 from wsi_pipeline.encoders import EncoderConfig, build_encoder, reference_preprocess_pil, register_encoder
 from wsi_pipeline.encoders.base import ModelSource, Preprocessing, TorchTileEncoder
 from wsi_pipeline.encoders.stain_texture import StainTextureEncoder
 from wsi_pipeline.errors import FeatureError
-from wsi_pipeline.encode.cohort import open_cohort
-from wsi_pipeline.encode.store import StoreLayout, plan_layout
-from wsi_pipeline.report.export import export_features_h5
-from wsi_pipeline.encode.loader import SlideSource, TileBatchDataset, make_loader
 from wsi_pipeline.io.atomic import TMP_MARK
+from wsi_pipeline.layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, STATUS_SKIPPED, ResultsLayout
+from wsi_pipeline.report.export import export_features_h5
 from wsi_pipeline.synthetic import write_synthetic_slide
-from wsi_pipeline.tiling.stage import tile_slide
 from wsi_pipeline.tiling.config import TilingParams
 from wsi_pipeline.tiling.geometry import geometry_from_attrs, read_tile
+from wsi_pipeline.tiling.stage import tile_slide
 from wsi_pipeline.tiling.table import read_tile_table
 
 STAIN = EncoderConfig(name="stain-texture")
@@ -43,11 +43,12 @@ SMALL_TILES = TilingParams(tile_px=128, target_mpp=0.5)
 
 # --- shared helpers (imported by the other test_encode_* modules) ---------------------------------------------
 
-def tiled_synthetic(root: Path, name: str, width: int = 2048, height: int = 2048, seed: int = 1,
-                    **kwargs: object) -> Path:
+
+def tiled_synthetic(
+    root: Path, name: str, width: int = 2048, height: int = 2048, seed: int = 1, **kwargs: object
+) -> Path:
     """A synthetic SVS tiled by stage 1 (128 px tiles at 0.5 µm/px) into `root/results`; returns the results dir."""
-    slide = write_synthetic_slide(root / f"{name}.svs", width=width, height=height, mpp=0.5, seed=seed,
-                                  **kwargs).path  # type: ignore[arg-type]
+    slide = write_synthetic_slide(root / f"{name}.svs", width=width, height=height, mpp=0.5, seed=seed, **kwargs).path  # type: ignore[arg-type]
     results = root / "results"
     side = tile_slide(slide, results, tiling=SMALL_TILES)
     assert side["status"] in ("ok", "no tissue"), side
@@ -78,8 +79,13 @@ def write_ifds_first_tiff(path: Path, levels: list[np.ndarray], mpp: float, tile
         ty, tx = -(-h // tile), -(-w // tile)
         pad = np.full((ty * tile, tx * tile, 3), 255, np.uint8)
         pad[:h, :w] = a
-        tiles.append([zlib.compress(pad[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile].tobytes(), 6)
-                      for y in range(ty) for x in range(tx)])
+        tiles.append(
+            [
+                zlib.compress(pad[y * tile : (y + 1) * tile, x * tile : (x + 1) * tile].tobytes(), 6)
+                for y in range(ty)
+                for x in range(tx)
+            ]
+        )
     ifd_size = 2 + 12 * n_tags + 4
     pos = 8 + ifd_size * len(levels)
     arrays = []
@@ -100,10 +106,23 @@ def write_ifds_first_tiff(path: Path, levels: list[np.ndarray], mpp: float, tile
     out = bytearray(b"II*\x00" + struct.pack("<I", 8))
     for i, (a, t, at) in enumerate(zip(levels, tiles, arrays, strict=True)):
         h, w = a.shape[:2]
-        ents = [entry(254, 4, 1, int(i > 0)), entry(256, 4, 1, w), entry(257, 4, 1, h), entry(258, 3, 3, at),
-                entry(259, 3, 1, 8), entry(262, 3, 1, 2), entry(277, 3, 1, 3), entry(282, 5, 1, at + 6),
-                entry(283, 5, 1, at + 14), entry(284, 3, 1, 1), entry(296, 3, 1, 3), entry(322, 4, 1, tile),
-                entry(323, 4, 1, tile), entry(324, 4, len(t), at + 22), entry(325, 4, len(t), at + 22 + 4 * len(t))]
+        ents = [
+            entry(254, 4, 1, int(i > 0)),
+            entry(256, 4, 1, w),
+            entry(257, 4, 1, h),
+            entry(258, 3, 3, at),
+            entry(259, 3, 1, 8),
+            entry(262, 3, 1, 2),
+            entry(277, 3, 1, 3),
+            entry(282, 5, 1, at + 6),
+            entry(283, 5, 1, at + 14),
+            entry(284, 3, 1, 1),
+            entry(296, 3, 1, 3),
+            entry(322, 4, 1, tile),
+            entry(323, 4, 1, tile),
+            entry(324, 4, len(t), at + 22),
+            entry(325, 4, len(t), at + 22 + 4 * len(t)),
+        ]
         nxt = 8 + ifd_size * (i + 1) if i + 1 < len(levels) else 0
         out += struct.pack("<H", n_tags) + b"".join(ents) + struct.pack("<I", nxt)
     for a, t, offs in zip(levels, tiles, offsets, strict=True):
@@ -116,6 +135,7 @@ def write_ifds_first_tiff(path: Path, levels: list[np.ndarray], mpp: float, tile
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -136,13 +156,16 @@ def cmu_results(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 # --- fidelity ---------------------------------------------------------------------------------------------------
 
-def test_fidelity_against_openslide_pil_reference(cmu_slide: Path, cmu_results: Path, tiny_timm: EncoderConfig,
-                                                  tmp_path: Path) -> None:
+
+def test_fidelity_against_openslide_pil_reference(
+    cmu_slide: Path, cmu_results: Path, tiny_timm: EncoderConfig, tmp_path: Path
+) -> None:
     """Engine features (worker-read tiles, cv2 + on-device resize) match PIL crops of OpenSlide's read_region with
     a PIL bicubic resize, through the same random-weight model; same order as the tile table."""
     results = fresh_results(cmu_results, tmp_path / "r")
-    side = encode_slide(results, "cmu-1-small-region", tiny_timm, batch_size=8, num_workers=2, device="cpu",
-                        dtype="float32")
+    side = encode_slide(
+        results, "cmu-1-small-region", tiny_timm, batch_size=8, num_workers=2, device="cpu", dtype="float32"
+    )
     assert side["status"] == STATUS_OK and side["n_tiles"] > 20, side
     feats, coords, attrs = read_store(ResultsLayout(results).feature_store("timm", "cmu-1-small-region"))
     table = read_tile_table(results / "tiles" / "cmu-1-small-region.zarr")
@@ -153,8 +176,10 @@ def test_fidelity_against_openslide_pil_reference(cmu_slide: Path, cmu_results: 
     osr = openslide.OpenSlide(str(cmu_slide))
     region = osr.read_region((0, 0), geom.read_level, osr.level_dimensions[geom.read_level]).convert("RGB")
     ds = geom.level_downsample
-    crops = [region.crop((round(x / ds), round(y / ds), round(x / ds) + geom.read_size,
-                          round(y / ds) + geom.read_size)) for x, y in table.coords]
+    crops = [
+        region.crop((round(x / ds), round(y / ds), round(x / ds) + geom.read_size, round(y / ds) + geom.read_size))
+        for x, y in table.coords
+    ]
     enc = build_encoder(tiny_timm, "cpu")
     ref = enc.encode_pixels(reference_preprocess_pil(crops, enc.preprocessing)).numpy()
     cos = (feats * ref).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref, axis=1)
@@ -190,6 +215,7 @@ def test_loader_yields_read_tile_batches_and_opens_slides_in_workers(synth: Path
 
 # --- storage: layout, streaming writes, reuse -------------------------------------------------------------------
 
+
 def test_plan_layout_many_rows_per_chunk_few_shards() -> None:
     big = plan_layout(100_000, 1152, "float16")  # a large ConceptCLIP slide
     assert big.chunk_rows >= 128 and big.shard_rows % big.chunk_rows == 0
@@ -201,8 +227,9 @@ def test_plan_layout_many_rows_per_chunk_few_shards() -> None:
         StoreLayout(16, 24)
 
 
-def test_writer_streams_whole_shards_and_never_holds_more(synth: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_streams_whole_shards_and_never_holds_more(
+    synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     writers: list[features.ShardWriter] = []
     real_init = features.ShardWriter.__init__
 
@@ -220,8 +247,9 @@ def test_writer_streams_whole_shards_and_never_holds_more(synth: Path, tmp_path:
     store = ResultsLayout(results).feature_store("stain-texture", "synth")
     arr = zarr.open_array(str(store / "features"), mode="r")
     assert arr.chunks == (8, 50) and arr.shards == (16, 50)
-    assert len(list((store / "features" / "c").rglob("*"))) - len(list((store / "features" / "c").glob("*"))) \
-        == -(-n // 16)  # one file per shard
+    assert len(list((store / "features" / "c").rglob("*"))) - len(list((store / "features" / "c").glob("*"))) == -(
+        -n // 16
+    )  # one file per shard
     # Same numbers as the encoder applied directly to read_tile output.
     table = read_tile_table(results / "tiles" / "synth.zarr")
     with SlideSource.from_tile_attrs(table.attrs).open() as slide:
@@ -293,6 +321,7 @@ def test_no_tissue_gives_empty_store_and_stage1_failure_is_skipped(tmp_path: Pat
 
 # --- bad input: decode failures, non-finite embeddings, OOM back-off ---------------------------------------------
 
+
 def test_truncated_slide_fails_midway_no_store_no_white_fill(tmp_path: Path) -> None:
     import tifffile
 
@@ -335,8 +364,9 @@ class _NanAfter(torch.nn.Module):
 def _register_module_encoder(name: str, module: torch.nn.Module) -> None:
     def build(cfg: EncoderConfig, device: torch.device) -> TorchTileEncoder:
         torch.manual_seed(0)
-        return TorchTileEncoder(cfg.name, module, module, 4, Preprocessing(size=32), ModelSource(random_weights=True),
-                                cfg, device)
+        return TorchTileEncoder(
+            cfg.name, module, module, 4, Preprocessing(size=32), ModelSource(random_weights=True), cfg, device
+        )
 
     register_encoder(name, build)
 
@@ -344,20 +374,24 @@ def _register_module_encoder(name: str, module: torch.nn.Module) -> None:
 def test_non_finite_embeddings_fail_the_slide(synth: Path, tmp_path: Path) -> None:
     table = read_tile_table(synth / "tiles" / "synth.zarr")
     with SlideSource.from_tile_attrs(table.attrs).open() as slide:
-        means = [read_tile(slide, tuple(xy), geometry_from_attrs(table.attrs)).mean() / 127.5 - 1
-                 for xy in table.coords]
+        means = [
+            read_tile(slide, tuple(xy), geometry_from_attrs(table.attrs)).mean() / 127.5 - 1 for xy in table.coords
+        ]
     _register_module_encoder("test-nan", _NanAfter(threshold=float(np.median(means))))  # about half NaN
     results = fresh_results(synth, tmp_path)
-    side = encode_slide(results, "synth", EncoderConfig(name="test-nan"), batch_size=8, device="cpu",
-                        layout=StoreLayout(8, 8))
+    side = encode_slide(
+        results, "synth", EncoderConfig(name="test-nan"), batch_size=8, device="cpu", layout=StoreLayout(8, 8)
+    )
     assert side["status"] == STATUS_FAILED and "NaN" in side["reason"] and "synth" in side["reason"]
     assert not ResultsLayout(results).feature_store("test-nan", "synth").exists() and temporaries(results) == []
 
     _register_module_encoder("test-huge", _NanAfter(threshold=-10.0, scale=1e6))  # finite, beyond float16
     side = encode_slide(results, "synth", EncoderConfig(name="test-huge"), device="cpu")
     assert side["status"] == STATUS_FAILED and "float16" in side["reason"]
-    assert encode_slide(results, "synth", EncoderConfig(name="test-huge"), device="cpu",
-                        dtype="float32")["status"] == STATUS_OK
+    assert (
+        encode_slide(results, "synth", EncoderConfig(name="test-huge"), device="cpu", dtype="float32")["status"]
+        == STATUS_OK
+    )
 
 
 def test_oom_backoff_halves_the_batch_and_records_it(synth: Path, tmp_path: Path) -> None:
@@ -379,6 +413,7 @@ def test_oom_backoff_halves_the_batch_and_records_it(synth: Path, tmp_path: Path
 
 
 # --- readers: cohort opener, HDF5 export, CLI -------------------------------------------------------------------
+
 
 def test_cohort_opener_and_h5_export(synth: Path, tmp_path: Path) -> None:
     results = fresh_results(synth, tmp_path)
@@ -410,10 +445,14 @@ def test_encode_command(synth: Path, tmp_path: Path) -> None:
     slide_file = Path(read_tile_table(results / "tiles" / "synth.zarr").attrs["slide_path"])
     cfg = tmp_path / "config.yaml"
     cfg.write_text("encoder:\n  name: stain-texture\nencode:\n  batch_size: 8\n  num_workers: 0\n")
-    r = CliRunner().invoke(app, ["encode", str(slide_file), "--out", str(results), "--config", str(cfg), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app, ["encode", str(slide_file), "--out", str(results), "--config", str(cfg), "--device", "cpu"]
+    )
     assert r.exit_code == 0, r.output
     assert "synth: ok" in r.output and ResultsLayout(results).feature_store("stain-texture", "synth").is_dir()
-    r = CliRunner().invoke(app, ["encode", "synth", "--out", str(results), "--encoder", "stain-texture", "--device", "cpu"])
+    r = CliRunner().invoke(
+        app, ["encode", "synth", "--out", str(results), "--encoder", "stain-texture", "--device", "cpu"]
+    )
     assert r.exit_code == 0 and "existing store kept" in r.output
     r = CliRunner().invoke(app, ["encode", "synth", "--out", str(results), "--encoder", "nope", "--device", "cpu"])
     assert r.exit_code == 1 and "unknown encoder" in r.output

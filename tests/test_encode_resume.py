@@ -17,9 +17,9 @@ import torch
 from test_encode_engine import fresh_results, read_store, temporaries, tiled_synthetic
 
 from wsi_pipeline.encode.engine import encode_slide
+from wsi_pipeline.encode.store import StoreLayout, is_complete_store
 from wsi_pipeline.encoders import EncoderConfig, register_encoder
 from wsi_pipeline.encoders.stain_texture import StainTextureEncoder
-from wsi_pipeline.encode.store import StoreLayout, is_complete_store
 from wsi_pipeline.layout import ResultsLayout
 
 LAYOUT = StoreLayout(4, 8)  # tiny shards: the temporary store gets rows after two batches
@@ -65,8 +65,13 @@ def reference(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np
 
 def _start(results: Path, delay: float, script: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(results), str(delay)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(results), str(delay)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def _assert_same(results: Path, reference: tuple[np.ndarray, np.ndarray, dict]) -> None:
@@ -89,8 +94,12 @@ def test_sigkill_mid_slide_then_rerun_is_identical(synth: Path, reference: tuple
     deadline = time.monotonic() + 90
     shards: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None and not shards:
-        shards = [p for t in store.parent.glob(store.name + ".tmp-*") for p in (t / "features" / "c").rglob("*")
-                  if p.is_file()]
+        shards = [
+            p
+            for t in store.parent.glob(store.name + ".tmp-*")
+            for p in (t / "features" / "c").rglob("*")
+            if p.is_file()
+        ]
         time.sleep(0.05)
     assert shards, f"no rows written before the deadline (exit {proc.poll()})"
     os.kill(proc.pid, signal.SIGKILL)

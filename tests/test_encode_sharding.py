@@ -15,12 +15,12 @@ import pytest
 from test_encode_engine import fresh_results, read_store, temporaries, tiled_synthetic
 from tiny_models import make_tiny_timm
 
-from wsi_pipeline.encode.engine import encode_slide
-from wsi_pipeline.encoders import EncoderConfig
-from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.devices import acquire_gpu
+from wsi_pipeline.encode.engine import encode_slide
 from wsi_pipeline.encode.sharding import encode_slides, lpt_assign, plan_shards, split_rows
 from wsi_pipeline.encode.store import StoreLayout
+from wsi_pipeline.encoders import EncoderConfig
+from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.layout import ResultsLayout
 
 # --- bin-packing ------------------------------------------------------------------------------------------------
@@ -60,6 +60,7 @@ def test_plan_shards_splits_the_big_slide_and_balances() -> None:
 
 # --- GPU lock picker ---------------------------------------------------------------------------------------------
 
+
 def test_acquire_gpu_distinct_ids_for_concurrent_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     got: list[int] = []
@@ -91,8 +92,7 @@ def _hold_in_process(results: str, q: multiprocessing.Queue, barrier: multiproce
         barrier.wait(20)  # keep holding until the other process has its device too
 
 
-def test_acquire_gpu_distinct_ids_for_concurrent_processes(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_acquire_gpu_distinct_ids_for_concurrent_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     ctx = multiprocessing.get_context("fork")
     q, barrier = ctx.Queue(), ctx.Barrier(2)
@@ -120,6 +120,7 @@ def test_acquire_gpu_honours_cuda_visible_devices(tmp_path: Path, monkeypatch: p
 
 # --- two processes = one process ---------------------------------------------------------------------------------
 
+
 def test_two_cpu_devices_write_the_same_stores_as_one_process(tmp_path: Path) -> None:
     results = tiled_synthetic(tmp_path, "big", width=3072, height=2048, seed=2)
     tiled_synthetic(tmp_path, "s1", width=2048, height=1536, seed=1)
@@ -134,8 +135,9 @@ def test_two_cpu_devices_write_the_same_stores_as_one_process(tmp_path: Path) ->
     for sid in ids:
         assert encode_slide(ref, sid, cfg, batch_size=8, device="cpu", layout=layout)["status"] == "ok"
 
-    out = encode_slides(results, ids, cfg, ["cpu", "cpu"], batch_size=8, layout=layout,
-                        split_threshold=counts["big"] - 1)
+    out = encode_slides(
+        results, ids, cfg, ["cpu", "cpu"], batch_size=8, layout=layout, split_threshold=counts["big"] - 1
+    )
     assert all(out[s]["status"] == "ok" for s in ids), out
     assert out["big"]["parts"] == 2 and out["big"]["n_tiles"] == counts["big"]
     for sid in ids:
@@ -173,13 +175,16 @@ def test_split_parts_are_resumable_and_merge_to_the_unsplit_store(tmp_path: Path
     store = ResultsLayout(results).feature_store("stain-texture", "s")
 
     first = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu), layout=layout) for t in tasks]
-    failed = merge_parts(results, "s", tasks, [first[0], {"status": "failed", "reason": "rows 9-20: boom"}], stain,
-                         opts, layout=layout)
+    failed = merge_parts(
+        results, "s", tasks, [first[0], {"status": "failed", "reason": "rows 9-20: boom"}], stain, opts, layout=layout
+    )
     assert failed["status"] == "failed" and "boom" in failed["reason"] and not store.exists()
 
     parts = [encode_part(results, t, stain, opts, EncoderHandle(stain, cpu), layout=layout) for t in tasks]
     handle = EncoderHandle(stain, cpu)
-    assert encode_part(results, tasks[0], stain, opts, handle, layout=layout)["status"] == "ok" and handle.builds == 0  # resumed
+    assert (
+        encode_part(results, tasks[0], stain, opts, handle, layout=layout)["status"] == "ok" and handle.builds == 0
+    )  # resumed
     assert part_path(results, "stain-texture", tasks[1]).is_dir()
     side = merge_parts(results, "s", tasks, parts, stain, opts, layout=layout)
     assert side["status"] == "ok" and side["parts"] == 2

@@ -49,7 +49,11 @@ def test_loads_with_opt_in_and_embeds(tiny_cc_encoder, no_network: list) -> None
     enc = tiny_cc_encoder
     assert enc.embed_dim == TINY_CONCEPT_WIDTH
     assert enc.preprocessing.to_dict() == {
-        "size": 64, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"
+        "size": 64,
+        "interpolation": "bicubic",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "resize": "squash",
     }
     gen = torch.Generator().manual_seed(1)
     for size in (64, 100):  # the model's size, and one that must be resized on the device

@@ -38,12 +38,23 @@ def _tiles(n: int = 3, size: int = 80, seed: int = 0) -> torch.Tensor:
 
 def test_registry_and_config_defaults() -> None:
     names = available_encoders()
-    for name in ("conceptclip", "conceptclip-arch-random", "open_clip", "timm", "vision-encoder-decoder",
-                 "stain-texture"):
+    for name in (
+        "conceptclip",
+        "conceptclip-arch-random",
+        "open_clip",
+        "timm",
+        "vision-encoder-decoder",
+        "stain-texture",
+    ):
         assert name in names
     cfg = EncoderConfig()
     assert (cfg.name, cfg.trust_remote_code, cfg.local_files_only, cfg.precision, cfg.compile) == (
-        "conceptclip", False, True, "bf16", False)
+        "conceptclip",
+        False,
+        True,
+        "bf16",
+        False,
+    )
     with pytest.raises(pydantic.ValidationError):
         EncoderConfig(nmae="timm")  # extra="forbid" catches typos
     with pytest.raises(pydantic.ValidationError):

@@ -47,16 +47,30 @@ def _tiny_vit_encoder(size: int = 384) -> TorchTileEncoder:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=size, patch_size=32, embed_dim=64, depth=2, num_heads=2, num_classes=0,
-                            global_pool="map", class_token=False)
+    vit = VisionTransformer(
+        img_size=size,
+        patch_size=32,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        global_pool="map",
+        class_token=False,
+    )
     return TorchTileEncoder("tiny-vit", vit, vit, 64, PREP, ModelSource(random_weights=True), EncoderConfig(), "cpu")
 
 
 def test_processor_config_is_read() -> None:
     prep = preprocessing_from_processor_config(siglip_processor_config(384))
     assert prep == PREP
-    clip_style = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
-                  "resample": 2, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}
+    clip_style = {
+        "size": {"shortest_edge": 224},
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "resample": 2,
+        "image_mean": [0.1, 0.2, 0.3],
+        "image_std": [0.4, 0.5, 0.6],
+    }
     prep = preprocessing_from_processor_config(clip_style)
     assert (prep.size, prep.interpolation, prep.mean, prep.std) == (224, "bilinear", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 

@@ -102,8 +102,7 @@ def test_glcm_matches_skimage_graycoprops(tiles) -> None:
     for tile, f in zip(batch, feats, strict=True):
         gray = np.rint(tile.astype(np.float32) @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32))
         q = (gray.clip(0, 255).astype(np.uint8) // (256 // GLCM_LEVELS)).astype(np.uint8)
-        glcm = graycomatrix(q, list(GLCM_DISTANCES), list(GLCM_ANGLES), levels=GLCM_LEVELS, symmetric=True,
-                            normed=True)
+        glcm = graycomatrix(q, list(GLCM_DISTANCES), list(GLCM_ANGLES), levels=GLCM_LEVELS, symmetric=True, normed=True)
         for di, d in enumerate(GLCM_DISTANCES):
             for prop in GLCM_PROPS:
                 expected = graycoprops(glcm, prop)[di].mean()

@@ -61,8 +61,10 @@ def _expected_levels(source: SourcePixels, vendor: str) -> tuple[tuple[int, int]
 
 # -- the written files are what they claim to be -----------------------------------------------------------------
 
-def test_dicom_series_is_one_file_per_level_plus_label_and_overview(slides: dict[str, Path],
-                                                                   source: SourcePixels) -> None:
+
+def test_dicom_series_is_one_file_per_level_plus_label_and_overview(
+    slides: dict[str, Path], source: SourcePixels
+) -> None:
     import pydicom
 
     files = sorted(slides["dicom"].glob("*.dcm"))
@@ -108,11 +110,14 @@ def test_philips_tiff_carries_the_dpufsimport_metadata(slides: dict[str, Path]) 
         assert props["openslide.objective-power"] == "20"
         # every pyramid level has its own pixel-data representation; OpenSlide takes downsamples from them
         n = len(osr.level_dimensions)
-        assert [props[f"philips.PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE[{i}].PIIM_PIXEL_DATA_REPRESENTATION_NUMBER"]
-                for i in range(n)] == [str(i) for i in range(n)]
+        assert [
+            props[f"philips.PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE[{i}].PIIM_PIXEL_DATA_REPRESENTATION_NUMBER"]
+            for i in range(n)
+        ] == [str(i) for i in range(n)]
 
 
 # -- the pipeline's reader and stage 1 ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["dicom", "philips"])
 def test_open_slide_reads_metadata_and_pixels(slides: dict[str, Path], source: SourcePixels, fmt: str) -> None:
@@ -154,8 +159,7 @@ def test_tile_slide_end_to_end(slides: dict[str, Path], source: SourcePixels, tm
     assert truth.any() and _dice(mask, truth) >= 0.95
 
 
-def test_tile_counts_agree_with_the_source_slide(slides: dict[str, Path], source: SourcePixels,
-                                                 tmp_path: Path) -> None:
+def test_tile_counts_agree_with_the_source_slide(slides: dict[str, Path], source: SourcePixels, tmp_path: Path) -> None:
     # Same tissue, same MPP: the format must not change which tiles are kept (JPEG noise may flip a border tile).
     counts = {fmt: tile_slide(p, tmp_path / fmt)["n_tiles"] for fmt, p in slides.items()}
     counts["source"] = tile_slide(source.spec.path, tmp_path / "source")["n_tiles"]
@@ -163,6 +167,7 @@ def test_tile_counts_agree_with_the_source_slide(slides: dict[str, Path], source
 
 
 # -- DICOM folders that are not one clean series ----------------------------------------------------------------
+
 
 def _copy_series(src: Path, dst: Path) -> Path:
     dst.mkdir()
@@ -232,8 +237,10 @@ def test_ndpi_is_read_by_openslide_and_tifffile(ndpi: tuple[SourcePixels, Path])
     with openslide.OpenSlide(str(path)) as osr:
         assert osr.properties["hamamatsu.SourceLens"] == "20"
         # restart intervals are the tiles: 16 MCUs of 16 x 8 px
-        assert (osr.properties["openslide.level[0].tile-width"], osr.properties["openslide.level[0].tile-height"]) \
-            == ("256", "8")
+        assert (osr.properties["openslide.level[0].tile-width"], osr.properties["openslide.level[0].tile-height"]) == (
+            "256",
+            "8",
+        )
 
 
 def test_ndpi_through_open_slide_and_tile_slide(ndpi: tuple[SourcePixels, Path], tmp_path: Path) -> None:

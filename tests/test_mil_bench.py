@@ -35,8 +35,19 @@ def test_same_training_code_on_csv_bags():
     rng = np.random.default_rng(0)
     order = rng.permutation(len(bags))
     problem = Problem("classification", "ce", 2, ["0", "1"])
-    cfg = TrainConfig(hidden_dim=64, attn_dim=32, lr=2e-3, weight_decay=1e-2, epochs=15, batch_size=4,
-                      standardize=True, quiet=True, device="cpu", num_threads=1, class_weights=False)
+    cfg = TrainConfig(
+        hidden_dim=64,
+        attn_dim=32,
+        lr=2e-3,
+        weight_decay=1e-2,
+        epochs=15,
+        batch_size=4,
+        standardize=True,
+        quiet=True,
+        device="cpu",
+        num_threads=1,
+        class_weights=False,
+    )
     correct = 0
     for half in (order[:46], order[46:]):
         train = [bags[i] for i in order if i not in set(half)]
@@ -49,8 +60,18 @@ def test_same_training_code_on_csv_bags():
 @needs_musk
 def test_bench_mil_musk1_smoke(capsys, tmp_path):
     grid = {"lr": [2e-3], "weight_decay": [1e-2], "hidden": [64]}
-    res = bench_mil(MUSK1, folds=2, repeats=1, seed=0, grid=grid, inner_folds=2, epochs=20, batch_size=4,
-                    inner_seeds=2, out_json=tmp_path / "musk1.json")
+    res = bench_mil(
+        MUSK1,
+        folds=2,
+        repeats=1,
+        seed=0,
+        grid=grid,
+        inner_folds=2,
+        epochs=20,
+        batch_size=4,
+        inner_seeds=2,
+        out_json=tmp_path / "musk1.json",
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["accuracy_mean"] == pytest.approx(res["accuracy_mean"]) and "accuracy_se" in summary
@@ -74,8 +95,19 @@ def test_bench_mil_musk1_smoke(capsys, tmp_path):
 def test_bench_mil_select_readout_reports_its_choices(capsys):
     """The 'select' read-out picks a configuration and epoch per outer fold from inner-CV scores only."""
     grid = {"lr": [2e-3], "weight_decay": [1e-2, 1e-1], "hidden": [32]}
-    res = bench_mil(MUSK1, folds=2, repeats=1, seed=1, grid=grid, inner_folds=2, epochs=8, readout="select",
-                    final_seeds=2, inner_seeds=1, quiet=True)
+    res = bench_mil(
+        MUSK1,
+        folds=2,
+        repeats=1,
+        seed=1,
+        grid=grid,
+        inner_folds=2,
+        epochs=8,
+        readout="select",
+        final_seeds=2,
+        inner_seeds=1,
+        quiet=True,
+    )
     assert res["accuracy_mean"] > 0.6
     for fold in res["per_fold"]:
         assert fold["config"]["weight_decay"] in (1e-2, 1e-1) and 1 <= fold["epoch"] <= 8

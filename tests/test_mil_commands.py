@@ -24,17 +24,45 @@ def test_train_and_predict_commands(tmp_path):
     config = tmp_path / "mil.yaml"
     config.write_text(yaml.safe_dump({"tasks": [CLS_TASK], "train": FAST | {"epochs": 3}}))
     out = tmp_path / "mil"
-    res = runner.invoke(app, ["train", "--sheet", str(sheet), "--features", str(feats), "--config", str(config),
-                              "--out", str(out), "--attention", str(tmp_path / "attention"), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--sheet",
+            str(sheet),
+            "--features",
+            str(feats),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--attention",
+            str(tmp_path / "attention"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["task"] == "dx"
     assert (out / "dx" / "summary.json").exists() and any((tmp_path / "attention" / "dx").glob("*.zarr"))
-    res = runner.invoke(app, ["predict", "--model", str(out / "dx"), "--features", str(feats),
-                              "--out", str(tmp_path / "pred.csv"), "P00-S0", "P01-S0"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(out / "dx"),
+            "--features",
+            str(feats),
+            "--out",
+            str(tmp_path / "pred.csv"),
+            "P00-S0",
+            "P01-S0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert pd.read_csv(tmp_path / "pred.csv")["slide_id"].tolist() == ["P00-S0", "P01-S0"]
-    bad = runner.invoke(app, ["predict", "--model", str(tmp_path), "--features", str(feats),
-                              "--out", str(tmp_path / "x.csv"), "P00-S0"])
+    bad = runner.invoke(
+        app, ["predict", "--model", str(tmp_path), "--features", str(feats), "--out", str(tmp_path / "x.csv"), "P00-S0"]
+    )
     assert bad.exit_code == 1 and "no trained model" in bad.output
 
 
@@ -45,8 +73,20 @@ def test_train_command_reports_bad_input_in_one_line(tmp_path):
     df.to_csv(sheet, index=False)
     config = tmp_path / "mil.json"
     config.write_text(json.dumps({"tasks": [CLS_TASK], "train": FAST}))
-    res = runner.invoke(app, ["train", "--sheet", str(sheet), "--features", str(feats), "--config", str(config),
-                              "--out", str(tmp_path / "mil")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--sheet",
+            str(sheet),
+            "--features",
+            str(feats),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "mil"),
+        ],
+    )
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "MISSING" in lines[0]

@@ -41,8 +41,9 @@ def test_cox_loss_is_minimised_at_sksurv_breslow_fit():
     loss = cox_loss(torch.tensor(x) @ b, torch.tensor(y[time].copy()), torch.tensor(y[event].astype(float)))
     loss.backward()
     assert b.grad.abs().max().item() < 1e-5  # the library's optimum is a stationary point of our loss
-    moved = cox_loss(torch.tensor(x) @ (b.detach() + 0.1), torch.tensor(y[time].copy()),
-                     torch.tensor(y[event].astype(float)))
+    moved = cox_loss(
+        torch.tensor(x) @ (b.detach() + 0.1), torch.tensor(y[time].copy()), torch.tensor(y[event].astype(float))
+    )
     assert moved.item() > loss.item()
 
 

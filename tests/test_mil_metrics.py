@@ -13,8 +13,7 @@ from sksurv.datasets import load_gbsg2, load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 
-from wsi_pipeline.mil.metrics import c_index
-from wsi_pipeline.mil.metrics import bootstrap_ci, classification_metrics, mean_se, survival_metrics
+from wsi_pipeline.mil.metrics import bootstrap_ci, c_index, classification_metrics, mean_se, survival_metrics
 
 
 @pytest.mark.parametrize("loader", [load_whas500, load_gbsg2])

@@ -52,8 +52,9 @@ def test_model_learns_planted_signal():
             x[rng.integers(0, 20), 0] += 4.0  # one key instance
         bags.append(x)
         labels.append(i % 2)
-    model = build_model({"model": "abmil-gated", "in_dim": 8, "n_out": 2, "hidden_dim": 16, "attn_dim": 8,
-                         "dropout": 0.0})
+    model = build_model(
+        {"model": "abmil-gated", "in_dim": 8, "n_out": 2, "hidden_dim": 16, "attn_dim": 8, "dropout": 0.0}
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, mask = collate(bags)
     y = torch.tensor(labels)

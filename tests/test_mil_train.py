@@ -14,9 +14,23 @@ from wsi_pipeline.mil.bags import Bag, ZarrStore, all_finite, prefetch
 from wsi_pipeline.mil.train import load_checkpoint, predict, train_task
 
 DIM = 16
-FAST = {"model": "abmil-gated", "hidden_dim": 16, "attn_dim": 8, "dropout": 0.0, "lr": 1e-2, "epochs": 12,
-        "patience": 12, "folds": 3, "seeds": [0], "val_fraction": 0.25, "quiet": True, "batch_size": 2,
-        "bootstrap": 50, "device": "cpu", "num_threads": 1}
+FAST = {
+    "model": "abmil-gated",
+    "hidden_dim": 16,
+    "attn_dim": 8,
+    "dropout": 0.0,
+    "lr": 1e-2,
+    "epochs": 12,
+    "patience": 12,
+    "folds": 3,
+    "seeds": [0],
+    "val_fraction": 0.25,
+    "quiet": True,
+    "batch_size": 2,
+    "bootstrap": 50,
+    "device": "cpu",
+    "num_threads": 1,
+}
 
 
 def write_store(root, slide_id: str, feats: np.ndarray) -> None:
@@ -46,8 +60,15 @@ def make_cohort(tmp_path, n_patients: int = 24, seed: int = 0):
             x[k, :4] += 2.5 * label
             x[k, 4:8] += 1.5 * risk
             write_store(feats_dir, sid, x)
-            rows.append({"slide_id": sid, "patient_id": f"P{p:02d}", "diagnosis": ["benign", "tumour"][label],
-                         "os_time": time, "os_event": event})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "patient_id": f"P{p:02d}",
+                    "diagnosis": ["benign", "tumour"][label],
+                    "os_time": time,
+                    "os_event": event,
+                }
+            )
     sheet = tmp_path / "sheet.csv"
     pd.DataFrame(rows).to_csv(sheet, index=False)
     return sheet, feats_dir
@@ -124,8 +145,12 @@ def test_fold_without_events_is_undefined_not_half(tmp_path):
 def test_missing_features_listed_in_one_error(tmp_path):
     sheet, feats = make_cohort(tmp_path, n_patients=9)
     df = pd.read_csv(sheet)
-    extra = pd.DataFrame([{"slide_id": f"GHOST{i}", "patient_id": f"G{i}", "diagnosis": "benign",
-                           "os_time": 1.0, "os_event": 1} for i in range(3)])
+    extra = pd.DataFrame(
+        [
+            {"slide_id": f"GHOST{i}", "patient_id": f"G{i}", "diagnosis": "benign", "os_time": 1.0, "os_event": 1}
+            for i in range(3)
+        ]
+    )
     pd.concat([df, extra]).to_csv(sheet, index=False)
     with pytest.raises(TrainingDataError) as err:
         train_task(sheet, feats, CLS_TASK, FAST, tmp_path / "out")
@@ -189,8 +214,9 @@ def test_read_ahead_matches_the_plain_loop(tmp_path):
     runs = {}
     for threads in (0, 3):
         out = tmp_path / f"out{threads}"
-        train_task(sheet, feats, CLS_TASK, FAST | {"loader_threads": threads, "cache_bytes": 0, "folds": 2}, out,
-                   fold=0)
+        train_task(
+            sheet, feats, CLS_TASK, FAST | {"loader_threads": threads, "cache_bytes": 0, "folds": 2}, out, fold=0
+        )
         runs[threads] = (out / "fold00" / "predictions.csv").read_text()
     assert runs[0] == runs[3]
 
@@ -202,7 +228,6 @@ def test_all_finite_matches_numpy_on_float16_edge_values():
         x[3, 2] = value
         assert all_finite(x) == bool(np.isfinite(x).all()) == bool(np.isfinite(value))
         assert all_finite(x.astype(np.float32)) == bool(np.isfinite(value))
-
 
 
 def reader_threads() -> list:

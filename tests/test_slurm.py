@@ -36,15 +36,34 @@ PROFILE = REPO / "workflows" / "profiles" / "slurm"
 # comes from squeue (finished jobs stay listed for MinJobAge=600s, above the plugin's 3 x init-seconds floor).
 # A 1 s first check keeps the run short; successful jobs' logs are kept as evidence (the default deletes them).
 ENCODE_MEM_MB = 3000  # the test node is small: the encode rule's default (16 GB) is lowered on the command line
-SLURM_ARGS = ("--set-resources", f"encode:mem_mb={ENCODE_MEM_MB}",
-              "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-              "--slurm-keep-successful-logs", "--latency-wait", "5")
+SLURM_ARGS = (
+    "--set-resources",
+    f"encode:mem_mb={ENCODE_MEM_MB}",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--slurm-keep-successful-logs",
+    "--latency-wait",
+    "5",
+)
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 
 
 def _snakemake(cluster: SlurmCluster, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "cfg.yaml"),
-           "--profile", str(PROFILE), "--jobs", "2", *SLURM_ARGS, *args]
+    cmd = [
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(workdir / "cfg.yaml"),
+        "--profile",
+        str(PROFILE),
+        "--jobs",
+        "2",
+        *SLURM_ARGS,
+        *args,
+    ]
     # the venv's bin first: the job's snakemake and the `run:` block must import wsi_pipeline from this venv
     env = cluster.env(path_prepend=[VENV_BIN])
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
@@ -56,8 +75,12 @@ def _all_job_ids(cluster: SlurmCluster) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
-              cmu_slide: Path, broken_slide: Path) -> tuple[Path, str]:
+def slurm_run(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+    cmu_slide: Path,
+    broken_slide: Path,
+) -> tuple[Path, str]:
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.fail("snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'", pytrace=False)
     wd = tmp_path_factory.mktemp("slurm_cohort")
@@ -66,8 +89,9 @@ def slurm_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFact
     # relative paths: they must resolve inside the SLURM job, whose working directory is this folder
     (wd / "samples.csv").write_text("slide_id,path\ncmu,cmu.svs\nbroken,broken.svs\n")
     # One reader process: the encode job asks SLURM for num_workers + 1 CPUs and the test node may have only 2.
-    (wd / "cfg.yaml").write_text(f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n"
-                                 "encode:\n  num_workers: 1\nmil:\n  tasks: []\n")
+    (wd / "cfg.yaml").write_text(
+        f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\nencode:\n  num_workers: 1\nmil:\n  tasks: []\n"
+    )
     run = _snakemake(slurm_cluster, wd)
     log = run.stdout + run.stderr
     (wd / "first_run.log").write_text(log)
@@ -94,8 +118,10 @@ def test_every_job_ran_as_a_slurm_job(slurm_run: tuple[Path, str], slurm_cluster
     assert expected <= set(comments) and len(comments) == len(submitted), log[-3000:]
     assert comments["rule_tile_wildcards_cmu"]["MinMemoryNode"] == "4000M"  # the rule's mem_mb reached sbatch --mem
     assert comments["rule_encode_wildcards_0-of-1"]["MinMemoryNode"] == f"{ENCODE_MEM_MB}M"  # --set-resources
-    logged = {p.relative_to(wd / ".snakemake" / "slurm_logs").parts[0]
-              for p in (wd / ".snakemake" / "slurm_logs").rglob("*.log")}
+    logged = {
+        p.relative_to(wd / ".snakemake" / "slurm_logs").parts[0]
+        for p in (wd / ".snakemake" / "slurm_logs").rglob("*.log")
+    }
     assert {"rule_tile", "rule_encode", "rule_report"} <= logged
 
 
@@ -131,21 +157,40 @@ def _wait_state(cluster: SlurmCluster, job_id: str, states: set[str], timeout: f
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {cluster.job_info(job_id)}")
 
 
-def test_plugin_squeue_status_query_sees_failed_and_completed_jobs(slurm_cluster: SlurmCluster,  # noqa: F811
-                                                                     tmp_path: Path) -> None:
+def test_plugin_squeue_status_query_sees_failed_and_completed_jobs(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     """The exact status command the plugin runs here (squeue, no accounting) reports finished jobs' states."""
     from snakemake_executor_plugin_slurm.job_status_query import query_job_status_squeue
 
     name = f"wsitest-{os.getpid()}"
     ids = {}
     for label, script in (("ok", "srun true"), ("bad", "srun sh -c 'exit 3'")):
-        ids[label] = slurm_cluster.run("sbatch", "--parsable", "--job-name", name, "--mem", "100",
-                                       "-o", str(tmp_path / f"{label}.log"), "--wrap", script).stdout.strip()
+        ids[label] = slurm_cluster.run(
+            "sbatch",
+            "--parsable",
+            "--job-name",
+            name,
+            "--mem",
+            "100",
+            "-o",
+            str(tmp_path / f"{label}.log"),
+            "--wrap",
+            script,
+        ).stdout.strip()
     assert _wait_state(slurm_cluster, ids["ok"], {"COMPLETED", "FAILED"}) == "COMPLETED"
     assert _wait_state(slurm_cluster, ids["bad"], {"COMPLETED", "FAILED"}) == "FAILED"
     assert slurm_cluster.job_info(ids["bad"])["ExitCode"] == "3:0"
-    out = subprocess.run(query_job_status_squeue(name), shell=True, env=slurm_cluster.env(), capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        query_job_status_squeue(name),
+        shell=True,
+        env=slurm_cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     rows = dict(line.split("|") for line in out.split())
     assert rows == {ids["ok"]: "COMPLETED", ids["bad"]: "FAILED"}
     # without slurmdbd, sacct (the plugin's default status command) cannot answer: why the tests use squeue
@@ -156,15 +201,15 @@ def test_plugin_squeue_status_query_sees_failed_and_completed_jobs(slurm_cluster
 def test_teardown_stops_daemons_and_running_jobs() -> None:
     with start_cluster() as cluster:
         pids = [p.pid for p in cluster.procs.values()]
-        job = cluster.run("sbatch", "--parsable", "--mem", "100", "-o", "/dev/null", "--wrap",
-                          "srun sleep 987").stdout.strip()
+        job = cluster.run(
+            "sbatch", "--parsable", "--mem", "100", "-o", "/dev/null", "--wrap", "srun sleep 987"
+        ).stdout.strip()
         _wait_state(cluster, job, {"RUNNING"})
         root = cluster.root
     assert not root.exists()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
-                 if p.exists() and b"sleep\x00987" in _read(p)]
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists() and b"sleep\x00987" in _read(p)]
     assert not leftovers
 
 

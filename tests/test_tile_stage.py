@@ -12,8 +12,8 @@ import zarr
 
 from wsi_pipeline.report.export import export_h5
 from wsi_pipeline.synthetic import Region, write_synthetic_slide
-from wsi_pipeline.tiling.stage import tile_slide
 from wsi_pipeline.tiling.config import TilingParams
+from wsi_pipeline.tiling.stage import tile_slide
 
 MPP = 0.25
 TILE_L0 = 512  # 256 px at 0.5 µm/px on a 0.25 µm/px slide
@@ -27,12 +27,20 @@ def _mask_png(results: Path, sid: str) -> np.ndarray:
     return cv2.imread(str(results / "qc" / sid / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
 
 
-@pytest.mark.parametrize("fmt, ask, backend", [("svs", "auto", "openslide"), ("tiff", "auto", "openslide"),
-                                               ("ome", "tiffslide", "tiffslide"), ("flat", "auto", "tiffslide")])
+@pytest.mark.parametrize(
+    "fmt, ask, backend",
+    [
+        ("svs", "auto", "openslide"),
+        ("tiff", "auto", "openslide"),
+        ("ome", "tiffslide", "tiffslide"),
+        ("flat", "auto", "tiffslide"),
+    ],
+)
 def test_every_format_masks_the_known_regions(tmp_path: Path, fmt: str, ask: str, backend: str) -> None:
     # auto falls back to TiffSlide for the flat strip TIFF that OpenSlide refuses; OME-TIFF is read by both.
-    spec = write_synthetic_slide(tmp_path / f"s.{'tif' if fmt != 'svs' else 'svs'}", width=6144, height=4608,
-                                 mpp=MPP, fmt=fmt, seed=3)
+    spec = write_synthetic_slide(
+        tmp_path / f"s.{'tif' if fmt != 'svs' else 'svs'}", width=6144, height=4608, mpp=MPP, fmt=fmt, seed=3
+    )
     side = tile_slide(spec.path, tmp_path / "res", slide_id="s", backend=ask)
     assert side["status"] == "ok", side.get("reason")
     assert side["slide"]["backend"] == backend
@@ -46,10 +54,13 @@ def test_every_format_masks_the_known_regions(tmp_path: Path, fmt: str, ask: str
 
 def test_exact_tile_counts_on_grid_aligned_tissue(tmp_path: Path) -> None:
     # Two rectangles covering whole tiles: 4x3 tiles and 2x2 tiles -> exactly 16 tiles at any threshold <= 0.9.
-    regions = (Region("rectangle", 2 * TILE_L0, 1 * TILE_L0, 6 * TILE_L0, 4 * TILE_L0),
-               Region("rectangle", 8 * TILE_L0, 5 * TILE_L0, 10 * TILE_L0, 7 * TILE_L0))
-    spec = write_synthetic_slide(tmp_path / "grid.svs", width=12 * TILE_L0, height=8 * TILE_L0, mpp=MPP,
-                                 regions=regions, seed=1)
+    regions = (
+        Region("rectangle", 2 * TILE_L0, 1 * TILE_L0, 6 * TILE_L0, 4 * TILE_L0),
+        Region("rectangle", 8 * TILE_L0, 5 * TILE_L0, 10 * TILE_L0, 7 * TILE_L0),
+    )
+    spec = write_synthetic_slide(
+        tmp_path / "grid.svs", width=12 * TILE_L0, height=8 * TILE_L0, mpp=MPP, regions=regions, seed=1
+    )
     for threshold in (0.25, 0.9):
         res = tmp_path / f"res{threshold}"
         side = tile_slide(spec.path, res, tiling=TilingParams(min_tissue_fraction=threshold))
@@ -66,16 +77,25 @@ def test_tile_count_matches_truth_for_curved_tissue(tmp_path: Path) -> None:
     g = zarr.open_group(str(tmp_path / "res" / "tiles" / "e.zarr"), mode="r")
     coords, fractions = g["coords"][:], g["tissue_fraction"][:]
     truth = spec.truth_mask(8.0)  # 8 level-0 px per truth pixel -> 64 per tile side
-    truth_fraction = np.array([truth[y // 8:(y + TILE_L0) // 8, x // 8:(x + TILE_L0) // 8].mean() for x, y in coords])
+    truth_fraction = np.array(
+        [truth[y // 8 : (y + TILE_L0) // 8, x // 8 : (x + TILE_L0) // 8].mean() for x, y in coords]
+    )
     assert np.abs(truth_fraction - fractions).mean() < 0.05
     all_tiles = [(x, y) for y in range(0, 6144 - TILE_L0 + 1, TILE_L0) for x in range(0, 8192 - TILE_L0 + 1, TILE_L0)]
-    expected = sum(truth[y // 8:(y + TILE_L0) // 8, x // 8:(x + TILE_L0) // 8].mean() >= 0.25 for x, y in all_tiles)
+    expected = sum(truth[y // 8 : (y + TILE_L0) // 8, x // 8 : (x + TILE_L0) // 8].mean() >= 0.25 for x, y in all_tiles)
     assert abs(side["n_tiles"] - expected) <= max(2, 0.03 * expected)
 
 
 def test_pen_marks_and_black_border_are_not_tiled(tmp_path: Path) -> None:
-    spec = write_synthetic_slide(tmp_path / "pen.svs", width=8192, height=6144, mpp=MPP, seed=7,
-                                 pen_marks=("blue", "green", "black"), black_border=True)
+    spec = write_synthetic_slide(
+        tmp_path / "pen.svs",
+        width=8192,
+        height=6144,
+        mpp=MPP,
+        seed=7,
+        pen_marks=("blue", "green", "black"),
+        black_border=True,
+    )
     side = tile_slide(spec.path, tmp_path / "res")
     assert side["status"] == "ok"
     mask = _mask_png(tmp_path / "res", "pen")
@@ -83,8 +103,12 @@ def test_pen_marks_and_black_border_are_not_tiled(tmp_path: Path) -> None:
     assert _dice(mask, truth) >= 0.95
     coords = zarr.open_group(str(tmp_path / "res" / "tiles" / "pen.zarr"), mode="r")["coords"][:]
     for x0, y0, x1, y1 in spec.pen_boxes.values():  # no tile lies mostly on ink
-        inside = (coords[:, 0] >= x0) & (coords[:, 0] + TILE_L0 <= x1) & (coords[:, 1] >= y0) & (
-            coords[:, 1] + TILE_L0 <= y1)
+        inside = (
+            (coords[:, 0] >= x0)
+            & (coords[:, 0] + TILE_L0 <= x1)
+            & (coords[:, 1] >= y0)
+            & (coords[:, 1] + TILE_L0 <= y1)
+        )
         assert not inside.any()
 
 

@@ -32,8 +32,9 @@ def _glass(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return img + rng.normal(0, 3, img.shape)
 
 
-def _paint(img: np.ndarray, region: np.ndarray, rgb: tuple[int, int, int], rng: np.random.Generator,
-           noise: float = 10.0) -> None:
+def _paint(
+    img: np.ndarray, region: np.ndarray, rgb: tuple[int, int, int], rng: np.random.Generator, noise: float = 10.0
+) -> None:
     img[region] = np.asarray(rgb, dtype=np.float64) + rng.normal(0, noise, (int(region.sum()), 3))
 
 
@@ -160,8 +161,11 @@ def test_specks_removed_by_area_in_mm2() -> None:
 def test_pen_strokes_and_black_border_are_not_tissue(synthetic: tuple[np.ndarray, np.ndarray]) -> None:
     rgb, truth = synthetic
     img = rgb.copy()
-    strokes = {"blue": ((30, 60, 170), (20, 200), (380, 215)), "green": ((40, 150, 80), (200, 20), (215, 380)),
-               "black": ((55, 55, 62), (20, 380), (380, 370))}
+    strokes = {
+        "blue": ((30, 60, 170), (20, 200), (380, 215)),
+        "green": ((40, 150, 80), (200, 20), (215, 380)),
+        "black": ((55, 55, 62), (20, 380), (380, 370)),
+    }
     masks = {}
     for name, (colour, p0, p1) in strokes.items():
         m = np.zeros(truth.shape, np.uint8)
@@ -176,8 +180,9 @@ def test_pen_strokes_and_black_border_are_not_tissue(synthetic: tuple[np.ndarray
     for name, m in masks.items():
         assert not result.mask[m].any(), f"{name} ink marked as tissue"
     assert not result.mask[border].any()
-    untouched = truth & ~cv2.dilate(np.any(list(masks.values()), axis=0).astype(np.uint8),
-                                    np.ones((15, 15), np.uint8)).astype(bool)
+    untouched = truth & ~cv2.dilate(
+        np.any(list(masks.values()), axis=0).astype(np.uint8), np.ones((15, 15), np.uint8)
+    ).astype(bool)
     assert result.mask[untouched].mean() > 0.97  # tissue away from the ink survives
 
     # The strokes are saturated enough to pass the threshold: without pen removal blue and green become tissue.
@@ -227,7 +232,7 @@ def _brute_fractions(mask: np.ndarray, boxes: np.ndarray, p: int, q: int) -> np.
     fine = np.pad(fine, pad)
     out = []
     for x0, y0, w, h in (boxes * q).astype(int):
-        out.append(fine[y0 + pad: y0 + h + pad, x0 + pad: x0 + w + pad].sum() / (w * h))
+        out.append(fine[y0 + pad : y0 + h + pad, x0 + pad : x0 + w + pad].sum() / (w * h))
     return np.asarray(out)
 
 

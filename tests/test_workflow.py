@@ -19,8 +19,16 @@ CLI = Path(sys.executable).with_name("wsi-pipeline")
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile",
-           str(workdir / "cfg.yaml"), *args]
+    cmd = [
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--cores",
+        "2",
+        "--configfile",
+        str(workdir / "cfg.yaml"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
 
 
@@ -82,8 +90,18 @@ def test_tile_store_and_qc_of_a_good_slide(cohort_run: Path) -> None:
     coords, fractions = g["coords"][:], g["tissue_fraction"][:]
     assert coords.dtype == np.int64 and coords.shape[1] == 2 and len(coords) == g.attrs["n_tiles"]
     assert fractions.dtype == np.float32 and (fractions >= 0.25).all()
-    for key in ("tile_px", "target_mpp", "read_level", "read_size", "slide_mpp", "mpp_source", "backend",
-                "slide_file_size", "slide_mtime", "package_version"):
+    for key in (
+        "tile_px",
+        "target_mpp",
+        "read_level",
+        "read_size",
+        "slide_mpp",
+        "mpp_source",
+        "backend",
+        "slide_file_size",
+        "slide_mtime",
+        "package_version",
+    ):
         assert key in g.attrs, key
     assert g.attrs["mpp_source"] == "metadata"
     assert zarr.open_group(str(res / "tiles" / "tcga_mpp.zarr"), mode="r").attrs["mpp_source"] == "override"
@@ -127,8 +145,9 @@ def test_rerun_does_no_work_and_mpp_change_redoes_one_slide(cohort_run: Path) ->
 
 def test_duplicate_slide_id_stops_before_any_work(tmp_path: Path, cmu_slide: Path) -> None:
     (tmp_path / "samples.csv").write_text(f"slide_id,path\nA,{cmu_slide}\nA,{cmu_slide}\n")
-    (tmp_path / "cfg.yaml").write_text(f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\n"
-                                       "mil:\n  tasks: []\n")
+    (tmp_path / "cfg.yaml").write_text(
+        f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\nmil:\n  tasks: []\n"
+    )
     run = _snakemake(tmp_path)
     assert run.returncode != 0
     assert "duplicate slide_id ['A']" in run.stdout + run.stderr
@@ -136,8 +155,12 @@ def test_duplicate_slide_id_stops_before_any_work(tmp_path: Path, cmu_slide: Pat
 
 
 def test_cli_writes_what_the_rule_writes(cohort_run: Path, tmp_path: Path) -> None:
-    run = subprocess.run([str(CLI), "tile", str(cohort_run / "cmu.svs"), "--out", str(tmp_path), "--slide-id",
-                          "cmu"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(CLI), "tile", str(cohort_run / "cmu.svs"), "--out", str(tmp_path), "--slide-id", "cmu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     ours = zarr.open_group(str(tmp_path / "tiles" / "cmu.zarr"), mode="r")
     rule = zarr.open_group(str(cohort_run / "results" / "tiles" / "cmu.zarr"), mode="r")
@@ -149,13 +172,30 @@ def test_cli_writes_what_the_rule_writes(cohort_run: Path, tmp_path: Path) -> No
 
 def test_cli_bad_slide_exits_nonzero_with_one_line(tmp_path: Path, broken_slide: Path, tcga_slide: Path) -> None:
     for slide in (broken_slide, tcga_slide, tmp_path / "missing.svs"):
-        run = subprocess.run([str(CLI), "tile", str(slide), "--out", str(tmp_path)], capture_output=True, text=True,
-                             timeout=120)
+        run = subprocess.run(
+            [str(CLI), "tile", str(slide), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 1
         lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and str(slide) in lines[0], run.stderr
-    ok = subprocess.run([str(CLI), "tile", str(tcga_slide), "--out", str(tmp_path), "--mpp", "0.25",
-                         "--tile-px", "224", "--target-mpp", "1.0"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            str(CLI),
+            "tile",
+            str(tcga_slide),
+            "--out",
+            str(tmp_path),
+            "--mpp",
+            "0.25",
+            "--tile-px",
+            "224",
+            "--target-mpp",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     attrs = zarr.open_group(str(tmp_path / "tiles" / "tcga-cr-7395-01a-01-ts1.zarr"), mode="r").attrs
     assert attrs["tile_px"] == 224 and attrs["target_mpp"] == 1.0 and attrs["read_level"] == 1

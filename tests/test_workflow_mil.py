@@ -29,7 +29,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wd / "cfg.yaml").write_text(
         f"samples: {wd / 'samples.csv'}\nresults: {wd / 'results'}\n"
         "encode:\n  num_workers: 0\n"
-        "mil:\n  train:\n    folds: 2\n    epochs: 10\n    bootstrap: 50\n    quiet: true\n  heatmap_top_k: 4\n")
+        "mil:\n  train:\n    folds: 2\n    epochs: 10\n    bootstrap: 50\n    quiet: true\n  heatmap_top_k: 4\n"
+    )
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(wd / "cfg.yaml")]
     run = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -72,9 +73,18 @@ def test_attention_and_heatmaps(demo_run: Path) -> None:
 
 def test_predict_applies_a_trained_model(demo_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred.csv"
-    cmd = [str(Path(sys.executable).with_name("wsi-pipeline")), "predict", "--model",
-           str(demo_run / "mil" / "demo_class"), "--features", str(demo_run / "features" / "stain-texture"),
-           "--out", str(out), "demo_000", "demo_001"]
+    cmd = [
+        str(Path(sys.executable).with_name("wsi-pipeline")),
+        "predict",
+        "--model",
+        str(demo_run / "mil" / "demo_class"),
+        "--features",
+        str(demo_run / "features" / "stain-texture"),
+        "--out",
+        str(out),
+        "demo_000",
+        "demo_001",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     pred = pd.read_csv(out)

@@ -15,7 +15,7 @@ import torch
 
 # --- a ConceptCLIP-like checkpoint that ships its own code (config.json auto_map -> modeling_*.py) ---
 
-CONFIG_CODE = '''
+CONFIG_CODE = """
 from transformers import PretrainedConfig
 
 
@@ -30,7 +30,7 @@ class TinyConceptConfig(PretrainedConfig):
         self.heads = heads
         self.proj_dim = proj_dim
         super().__init__(**kwargs)
-'''
+"""
 
 MODELING_CODE = '''
 import os
@@ -111,8 +111,17 @@ def make_tiny_conceptclip(root: Path, image_size: int = 64, seed: int = 0) -> Pa
         "AutoConfig": "configuration_tinyconcept.TinyConceptConfig",
         "AutoModel": "modeling_tinyconcept.TinyConceptModel",
     }
-    cfg = {"model_type": "tinyconcept", "auto_map": auto_map, "image_size": image_size, "patch_size": 16,
-           "width": TINY_CONCEPT_WIDTH, "depth": 2, "heads": 3, "proj_dim": 24, "architectures": ["TinyConceptModel"]}
+    cfg = {
+        "model_type": "tinyconcept",
+        "auto_map": auto_map,
+        "image_size": image_size,
+        "patch_size": 16,
+        "width": TINY_CONCEPT_WIDTH,
+        "depth": 2,
+        "heads": 3,
+        "proj_dim": 24,
+        "architectures": ["TinyConceptModel"],
+    }
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     config = AutoConfig.from_pretrained(str(d), trust_remote_code=True, local_files_only=True)
     torch.manual_seed(seed)
@@ -216,16 +225,35 @@ def make_tiny_vision_encoder_decoder(root: Path, image_size: int = 64, seed: int
 
     d = Path(root)
     d.mkdir(parents=True, exist_ok=True)
-    enc = CLIPVisionConfig(hidden_size=TINY_VED_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=16)
-    dec = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32,
-                     add_cross_attention=True, is_decoder=True, bos_token_id=0, eos_token_id=1)
+    enc = CLIPVisionConfig(
+        hidden_size=TINY_VED_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=16,
+    )
+    dec = GPT2Config(
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        vocab_size=100,
+        n_positions=32,
+        add_cross_attention=True,
+        is_decoder=True,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     torch.manual_seed(seed)
     model = VisionEncoderDecoderModel(config=cfg)
     model.save_pretrained(str(d), safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       do_center_crop=True, resample=3).save_pretrained(str(d))
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        resample=3,
+    ).save_pretrained(str(d))
     return d
 
 

@@ -29,8 +29,11 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    samples: str | None = Field(None, description="sample sheet CSV (slide_id,path[,mpp,patient_id,labels...]) "
-                                "or a glob of slide files such as /data/*.svs")
+    samples: str | None = Field(
+        None,
+        description="sample sheet CSV (slide_id,path[,mpp,patient_id,labels...]) "
+        "or a glob of slide files such as /data/*.svs",
+    )
     results: str = Field("results", description="output folder")
     backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
     tiling: TilingParams = Field(default_factory=TilingParams)
@@ -62,13 +65,15 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections (samples:, tiling:, ...), not "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a config must be a mapping of sections (samples:, tiling:, ...), not {type(data).__name__}"
+        )
     return data
 
 
-def load_config(source: str | os.PathLike[str] | dict[str, Any] | None = None,
-                overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    source: str | os.PathLike[str] | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> PipelineConfig:
     """Validate a YAML file or a dict (e.g. Snakemake's `config`); errors become one `ConfigError` line."""
     name = "config"
     if source is None:

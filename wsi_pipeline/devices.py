@@ -49,8 +49,9 @@ def visible_gpus() -> list[str] | None:
 
 
 @contextlib.contextmanager
-def acquire_gpu(results: str | os.PathLike[str], n_gpus: int | None = None, *, poll_s: float = 0.2,
-                timeout_s: float | None = None) -> Iterator[int]:
+def acquire_gpu(
+    results: str | os.PathLike[str], n_gpus: int | None = None, *, poll_s: float = 0.2, timeout_s: float | None = None
+) -> Iterator[int]:
     """Yield a CUDA device index no other holder has, for as long as the `with` block runs.
 
     When CUDA_VISIBLE_DEVICES names exactly one device (a cluster executor assigned it), yield 0 without
@@ -68,8 +69,10 @@ def acquire_gpu(results: str | os.PathLike[str], n_gpus: int | None = None, *, p
 
             n_gpus = torch.cuda.device_count()
     if n_gpus < 1:
-        raise PipelineError("acquire_gpu: no GPU available (CUDA_VISIBLE_DEVICES empty or no CUDA device); "
-                            "run on a GPU node or set encode.device: cpu")
+        raise PipelineError(
+            "acquire_gpu: no GPU available (CUDA_VISIBLE_DEVICES empty or no CUDA device); "
+            "run on a GPU node or set encode.device: cpu"
+        )
     lock_dir = ResultsLayout(results).gpu_locks
     # The lock is per physical device: ids name the same GPUs for every job of one results folder.
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -80,8 +83,10 @@ def acquire_gpu(results: str | os.PathLike[str], n_gpus: int | None = None, *, p
                     yield i
                     return
         if deadline is not None and time.monotonic() > deadline:
-            raise PipelineError(f"acquire_gpu: all {n_gpus} GPU locks in {lock_dir} stayed busy for {timeout_s} s; "
-                                "run snakemake with --resources gpu=N no larger than the number of GPUs")
+            raise PipelineError(
+                f"acquire_gpu: all {n_gpus} GPU locks in {lock_dir} stayed busy for {timeout_s} s; "
+                "run snakemake with --resources gpu=N no larger than the number of GPUs"
+            )
         time.sleep(poll_s)
 
 

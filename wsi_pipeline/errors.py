@@ -32,4 +32,3 @@ class FeatureError(PipelineError):
 
 class TrainingDataError(PipelineError):
     """Labels, splits or bags are not usable for training (missing features, too few samples, ...)."""
-

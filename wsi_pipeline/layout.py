@@ -1,12 +1,12 @@
 """Every path under the results folder and every status word, in one place.
 
-    results/
-      tiles/{slide}.zarr, tiles/{slide}.json          stage 1 store + sidecar
-      qc/{slide}/                                     thumbnails, mask, tissue polygons
-      features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
-      mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
-      attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
-      report.csv|html, run_config.yaml, logs/, .gpu_locks/
+results/
+  tiles/{slide}.zarr, tiles/{slide}.json          stage 1 store + sidecar
+  qc/{slide}/                                     thumbnails, mask, tissue polygons
+  features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
+  mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
+  attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
+  report.csv|html, run_config.yaml, logs/, .gpu_locks/
 """
 
 from __future__ import annotations

@@ -22,8 +22,13 @@ def cpu_model() -> str:
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
     """Host, CPU, Python/torch versions and the compute device (`device`, else CUDA 0 when present, else cpu)."""
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
-                            "platform": platform.platform(), "python": sys.version.split()[0]}
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
     try:
         import torch
     except ImportError:
@@ -31,8 +36,12 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device.startswith("cuda")
-    info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device,
-             "device_name": torch.cuda.get_device_name(torch.device(device)) if cuda else info["cpu_model"]}
+    info |= {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if cuda else info["cpu_model"],
+    }
     if cuda:
         info["cuda"] = torch.version.cuda
     return info

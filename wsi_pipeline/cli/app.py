@@ -7,14 +7,18 @@ from typing import Annotated, NoReturn
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Whole-slide images in; tiles, embeddings, MIL models and explanations out.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Whole-slide images in; tiles, embeddings, MIL models and explanations out.",
+)
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def exit_with_error(err: Exception | str) -> NoReturn:

@@ -14,18 +14,22 @@ from .app import app, exit_with_error
 def encode(
     slide: Annotated[str, typer.Argument(help="slide id, or the slide file (id = file name without extension)")],
     out: Annotated[Path, typer.Option("--out", help="results folder holding tiles/; features/ is written inside")],
-    encoder: Annotated[str | None, typer.Option("--encoder", help="encoder name (default: config encoder.name)")]
-    = None,
+    encoder: Annotated[
+        str | None, typer.Option("--encoder", help="encoder name (default: config encoder.name)")
+    ] = None,
     model_path: Annotated[str | None, typer.Option(help="local weights folder/file (encoder.path)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (its encoder/encode sections are used)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="tiles per batch (default 64)")] = None,
     num_workers: Annotated[int | None, typer.Option(help="tile-reading worker processes (0: inline)")] = None,
-    device: Annotated[str | None, typer.Option(
-        help="auto, cpu, cuda:N, or cuda (a free GPU picked by lock file under RESULTS/.gpu_locks)")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu, cuda:N, or cuda (a free GPU picked by lock file under RESULTS/.gpu_locks)"),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="stored feature dtype: float16 or float32")] = None,
     force: Annotated[bool, typer.Option(help="re-encode even if a complete store exists")] = False,
-    record_failures: Annotated[bool, typer.Option(
-        help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")] = False,
+    record_failures: Annotated[
+        bool, typer.Option(help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")
+    ] = False,
 ) -> None:
     """Encode one slide's tiles: RESULTS/tiles/{id}.zarr -> RESULTS/features/{encoder}/{id}.zarr (+ .json)."""
     from ..config import load_config
@@ -37,10 +41,13 @@ def encode(
 
     try:
         cfg = load_config(config)
-        enc_cfg = type(cfg.encoder).model_validate({**cfg.encoder.model_dump(), **{
-            k: v for k, v in {"name": encoder, "path": model_path}.items() if v is not None}})
-        params = cfg.encode.with_overrides(batch_size=batch_size, num_workers=num_workers, device=device,
-                                           dtype=dtype)
+        enc_cfg = type(cfg.encoder).model_validate(
+            {
+                **cfg.encoder.model_dump(),
+                **{k: v for k, v in {"name": encoder, "path": model_path}.items() if v is not None},
+            }
+        )
+        params = cfg.encode.with_overrides(batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype)
         slide_id = default_slide_id(slide) if Path(slide).exists() else slide
         # "cuda" without an index: take a free GPU by lock file (Snakemake counts GPUs but does not assign them).
         with job_devices(out, params.device, 1) as devices:
@@ -50,8 +57,10 @@ def encode(
     if result.status == STATUS_FAILED and not record_failures:
         exit_with_error(result.reason)
     rate = f", {result.tiles_per_s} tiles/s" if result.tiles_per_s else ""
-    typer.echo(f"{slide_id}: {result.status}{' (existing store kept)' if result.reused else ''}, "
-               f"{result.n_tiles} tiles{rate}{': ' + result.reason if result.reason else ''}")
+    typer.echo(
+        f"{slide_id}: {result.status}{' (existing store kept)' if result.reused else ''}, "
+        f"{result.n_tiles} tiles{rate}{': ' + result.reason if result.reason else ''}"
+    )
 
 
 @app.command("encode-shard")
@@ -77,5 +86,7 @@ def encode_shard(
     except PipelineError as err:
         exit_with_error(err)
     statuses = [s["status"] for s in summary["slides"].values()]
-    typer.echo(f"shard {shard}/{shards}: {len(statuses)} slides on {','.join(summary['devices'])}: "
-               + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses))))
+    typer.echo(
+        f"shard {shard}/{shards}: {len(statuses)} slides on {','.join(summary['devices'])}: "
+        + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+    )

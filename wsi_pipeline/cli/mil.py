@@ -78,8 +78,12 @@ def bench_mil(
     repeats: Annotated[int, typer.Option()] = 5,
     model: Annotated[str, typer.Option(help="abmil-gated, abmil, mean or max")] = "abmil-gated",
     seed: Annotated[int, typer.Option()] = 0,
-    readout: Annotated[str, typer.Option(help="average: mean of every ensemble member; select: the inner-CV "
-                                         "winner's configuration and epoch")] = "average",
+    readout: Annotated[
+        str,
+        typer.Option(
+            help="average: mean of every ensemble member; select: the inner-CV winner's configuration and epoch"
+        ),
+    ] = "average",
     out_json: Annotated[Path | None, typer.Option(help="also write the full results JSON here")] = None,
 ) -> None:
     """Classic MIL benchmark (Ilse et al. 2018 protocol); the last line printed is a JSON summary."""
@@ -126,8 +130,9 @@ def mil_splits(config: ConfigOpt, task: TaskOpt) -> None:
 
 
 @app.command("mil-train")
-def mil_train(config: ConfigOpt, task: TaskOpt,
-              fold: Annotated[int, typer.Option(help="split index (fold x seed), 0-based")]) -> None:
+def mil_train(
+    config: ConfigOpt, task: TaskOpt, fold: Annotated[int, typer.Option(help="split index (fold x seed), 0-based")]
+) -> None:
     """Train one fold of one task (what the Snakemake `mil_train` rule runs)."""
     from ..config import load_config
     from ..layout import ResultsLayout
@@ -136,8 +141,17 @@ def mil_train(config: ConfigOpt, task: TaskOpt,
     cfg = _run(lambda: load_config(config))
     layout = ResultsLayout(cfg.results)
     out = layout.task_dir(task)
-    res = _run(lambda: train_task(out / "sheet.csv", layout.feature_dir(cfg.encoder.name), cfg.mil.task(task),
-                                  cfg.mil.train, out, fold=fold, attention_dir=layout.attention_dir(task)))
+    res = _run(
+        lambda: train_task(
+            out / "sheet.csv",
+            layout.feature_dir(cfg.encoder.name),
+            cfg.mil.task(task),
+            cfg.mil.train,
+            out,
+            fold=fold,
+            attention_dir=layout.attention_dir(task),
+        )
+    )
     typer.echo(json.dumps(res["folds"][-1] if res.get("folds") else res, default=str)[:2000])
 
 

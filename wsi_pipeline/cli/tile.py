@@ -19,8 +19,9 @@ def tile(
     target_mpp: Annotated[float | None, typer.Option(help="microns per pixel of tiles (default 0.5)")] = None,
     slide_id: Annotated[str | None, typer.Option(help="default: file name without extension")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (tiling/tissue sections are used)")] = None,
-    record_failures: Annotated[bool, typer.Option(
-        help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")] = False,
+    record_failures: Annotated[
+        bool, typer.Option(help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")
+    ] = False,
 ) -> None:
     """Tile one slide: tissue mask, tile grid, Zarr tile store, QC pictures."""
     from ..config import load_config
@@ -32,8 +33,9 @@ def tile(
         cfg = load_config(config)
         overrides = {k: v for k, v in {"tile_px": tile_px, "target_mpp": target_mpp}.items() if v is not None}
         tiling = type(cfg.tiling).model_validate({**cfg.tiling.model_dump(), **overrides})
-        result = tile_slide(slide, out, slide_id=slide_id, mpp=mpp, backend=cfg.backend, tiling=tiling,
-                            tissue=cfg.tissue)
+        result = tile_slide(
+            slide, out, slide_id=slide_id, mpp=mpp, backend=cfg.backend, tiling=tiling, tissue=cfg.tissue
+        )
     except PipelineError as err:
         exit_with_error(err)
     except ValueError as err:  # pydantic validation of the overrides

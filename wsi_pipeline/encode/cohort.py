@@ -25,13 +25,15 @@ class FeatureCohort(Mapping[str, zarr.Array]):
         self.encoder = encoder
         if slide_ids is None:
             found = sorted(self.root.glob("*.zarr")) if self.root.is_dir() else []
-            slide_ids = [p.name[:-len(".zarr")] for p in found if is_complete_store(p)]
+            slide_ids = [p.name[: -len(".zarr")] for p in found if is_complete_store(p)]
         else:
             missing = [s for s in slide_ids if not is_complete_store(self.path(s))]
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-                raise FeatureError(f"{self.root}: no complete feature store for {len(missing)} slide(s) ({shown}); "
-                                   "run `wsi-pipeline encode` for them or drop them from the sample sheet")
+                raise FeatureError(
+                    f"{self.root}: no complete feature store for {len(missing)} slide(s) ({shown}); "
+                    "run `wsi-pipeline encode` for them or drop them from the sample sheet"
+                )
         self.slide_ids = list(slide_ids)
         self._groups: dict[str, zarr.Group] = {}
 

@@ -20,10 +20,17 @@ class EncodeParams(BaseModel):
     prefetch_factor: int = Field(2, ge=1, le=16, description="batches each reader keeps ready")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, or cuda:N")
     dtype: Literal["float16", "float32"] = Field("float16", description="stored feature dtype")
-    split_threshold: int | None = Field(None, ge=1, description="split slides with more tiles than this across "
-                                        "devices (default: the per-device fair share)")
-    jobs: int = Field(1, ge=1, le=10000, description="workflow jobs the cohort is split into (by tile count); "
-                      "on a cluster, one per GPU node")
+    split_threshold: int | None = Field(
+        None,
+        ge=1,
+        description="split slides with more tiles than this across devices (default: the per-device fair share)",
+    )
+    jobs: int = Field(
+        1,
+        ge=1,
+        le=10000,
+        description="workflow jobs the cohort is split into (by tile count); on a cluster, one per GPU node",
+    )
     gpus_per_job: int = Field(1, ge=1, le=64, description="GPUs each encode job uses (one model load each)")
 
     def with_overrides(self, **overrides: Any) -> EncodeParams:

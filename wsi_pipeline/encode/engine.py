@@ -83,29 +83,63 @@ def load_tile_table(results: Path, slide_id: str) -> TileTable:
 
 def expected_attrs(cfg: EncoderConfig, dtype: str, tile_attrs: dict[str, Any]) -> dict[str, Any]:
     """What a reusable feature store's attributes must say: same encoder config, dtype and tile table."""
-    return {"encoder": cfg.name, "encoder_config": to_jsonable(cfg.model_dump()), "dtype": dtype,
-            "tiles": to_jsonable(tiles_signature(tile_attrs))}
+    return {
+        "encoder": cfg.name,
+        "encoder_config": to_jsonable(cfg.model_dump()),
+        "dtype": dtype,
+        "tiles": to_jsonable(tiles_signature(tile_attrs)),
+    }
 
 
-def _store_attrs(slide_id: str, table: TileTable, cfg: EncoderConfig, handle: EncoderHandle, params: EncodeParams,
-                 layout: StoreLayout, n_rows: int, results: Path) -> dict[str, Any]:
+def _store_attrs(
+    slide_id: str,
+    table: TileTable,
+    cfg: EncoderConfig,
+    handle: EncoderHandle,
+    params: EncodeParams,
+    layout: StoreLayout,
+    n_rows: int,
+    results: Path,
+) -> dict[str, Any]:
     prov = handle.provenance()
     tiles = ResultsLayout(results).tile_store(slide_id)
-    return to_jsonable({
-        **expected_attrs(cfg, params.dtype, table.attrs),
-        "slide_id": slide_id, "n_tiles": n_rows, "embed_dim": prov["embed_dim"],
-        "revision": prov.get("revision"), "weights_sha256": prov.get("weights_sha256"),
-        "preprocessing": prov.get("preprocessing"), "provenance": prov,
-        "tile_geometry": geometry_from_attrs(table.attrs).to_dict(), "slide_path": table.attrs.get("slide_path"),
-        "tile_store": str(tiles.resolve()), "tile_store_rel": f"../../tiles/{slide_id}.zarr",
-        "coords_level": 0, "layout": layout.to_dict(), "batch_size": params.batch_size,
-        "package_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False,
-    })
+    return to_jsonable(
+        {
+            **expected_attrs(cfg, params.dtype, table.attrs),
+            "slide_id": slide_id,
+            "n_tiles": n_rows,
+            "embed_dim": prov["embed_dim"],
+            "revision": prov.get("revision"),
+            "weights_sha256": prov.get("weights_sha256"),
+            "preprocessing": prov.get("preprocessing"),
+            "provenance": prov,
+            "tile_geometry": geometry_from_attrs(table.attrs).to_dict(),
+            "slide_path": table.attrs.get("slide_path"),
+            "tile_store": str(tiles.resolve()),
+            "tile_store_rel": f"../../tiles/{slide_id}.zarr",
+            "coords_level": 0,
+            "layout": layout.to_dict(),
+            "batch_size": params.batch_size,
+            "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": False,
+        }
+    )
 
 
-def write_feature_store(path: Path, slide_id: str, table: TileTable, start: int, stop: int, cfg: EncoderConfig,
-                        handle: EncoderHandle, params: EncodeParams, results: Path, extra: dict[str, Any],
-                        layout: StoreLayout | None = None) -> int:
+def write_feature_store(
+    path: Path,
+    slide_id: str,
+    table: TileTable,
+    start: int,
+    stop: int,
+    cfg: EncoderConfig,
+    handle: EncoderHandle,
+    params: EncodeParams,
+    results: Path,
+    extra: dict[str, Any],
+    layout: StoreLayout | None = None,
+) -> int:
     """Encode rows [start, stop) of `table` into a new store at `path` (atomic); returns the final batch size."""
     enc = handle.get()
     n = stop - start
@@ -120,23 +154,44 @@ def write_feature_store(path: Path, slide_id: str, table: TileTable, start: int,
         final_batch = params.batch_size
         if n:
             source.check_unchanged()
-            ds = TileBatchDataset(source, geometry_from_attrs(table.attrs), table.coords, params.batch_size, start,
-                                  stop)
-            final_batch = encode_rows(enc, ds, ShardWriter(feats), dtype=params.dtype, num_workers=params.num_workers,
-                                      prefetch_factor=params.prefetch_factor,
-                                      context=f"{slide_id} (encoder {cfg.name})")
+            ds = TileBatchDataset(
+                source, geometry_from_attrs(table.attrs), table.coords, params.batch_size, start, stop
+            )
+            final_batch = encode_rows(
+                enc,
+                ds,
+                ShardWriter(feats),
+                dtype=params.dtype,
+                num_workers=params.num_workers,
+                prefetch_factor=params.prefetch_factor,
+                context=f"{slide_id} (encoder {cfg.name})",
+            )
         g.attrs.update({"complete": True, "batch_size_final": final_batch})
     return final_batch
 
 
 def new_sidecar(slide_id: str, cfg: EncoderConfig, device: torch.device | str, params: EncodeParams) -> EncodeSidecar:
     """A slide's sidecar before any work: status failed until the work says otherwise."""
-    return EncodeSidecar(slide_id=slide_id, encoder=cfg.name, device=str(device), batch_size=params.batch_size,
-                         num_workers=params.num_workers, dtype=params.dtype, package_version=__version__)
+    return EncodeSidecar(
+        slide_id=slide_id,
+        encoder=cfg.name,
+        device=str(device),
+        batch_size=params.batch_size,
+        num_workers=params.num_workers,
+        dtype=params.dtype,
+        package_version=__version__,
+    )
 
 
-def encode_whole_slide(results: Path, slide_id: str, cfg: EncoderConfig, params: EncodeParams,
-                       handle: EncoderHandle, force: bool, layout: StoreLayout | None = None) -> EncodeSidecar:
+def encode_whole_slide(
+    results: Path,
+    slide_id: str,
+    cfg: EncoderConfig,
+    params: EncodeParams,
+    handle: EncoderHandle,
+    force: bool,
+    layout: StoreLayout | None = None,
+) -> EncodeSidecar:
     """Encode every tile of one slide into its store, under the slide lock; never raises for a bad slide."""
     paths = ResultsLayout(results)
     store, sidecar_path = paths.feature_store(cfg.name, slide_id), paths.feature_sidecar(cfg.name, slide_id)
@@ -150,8 +205,9 @@ def encode_whole_slide(results: Path, slide_id: str, cfg: EncoderConfig, params:
                 return _reuse(paths, cfg.name, slide_id, side)
             remove_stale_temporaries(store)
             loads = handle.load_seconds
-            side.batch_size_final = write_feature_store(store, slide_id, table, 0, len(table), cfg, handle, params,
-                                                        results, {}, layout)
+            side.batch_size_final = write_feature_store(
+                store, slide_id, table, 0, len(table), cfg, handle, params, results, {}, layout
+            )
             side.status = STATUS_OK if len(table) else STATUS_NO_TISSUE
             side.reason = "" if len(table) else NO_TISSUE_REASON
             side.store = paths.rel(store)
@@ -182,9 +238,17 @@ def _reuse(paths: ResultsLayout, encoder: str, slide_id: str, side: EncodeSideca
     return side.model_copy(update={"reused": True})
 
 
-def encode_slide(results: str | Path, slide_id: str, encoder_cfg: EncoderConfig, params: EncodeParams | None = None,
-                 *, force: bool = False, encoder: TileEncoder | None = None, layout: StoreLayout | None = None,
-                 **overrides: Any) -> EncodeSidecar:
+def encode_slide(
+    results: str | Path,
+    slide_id: str,
+    encoder_cfg: EncoderConfig,
+    params: EncodeParams | None = None,
+    *,
+    force: bool = False,
+    encoder: TileEncoder | None = None,
+    layout: StoreLayout | None = None,
+    **overrides: Any,
+) -> EncodeSidecar:
     """Encode one slide's tiles into its feature store; never raises for a bad slide (see the returned sidecar).
 
     `params` is the `encode:` section (defaults: `EncodeParams()` with 0 reader processes); any of its fields may be

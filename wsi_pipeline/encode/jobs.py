@@ -40,18 +40,30 @@ def shard_slides(counts: dict[str, int], shard: int, n_shards: int) -> list[str]
     return [sid for sid, b in zip(ids, bins, strict=True) if b == shard]
 
 
-def run_encode_shard(results: Path, slide_ids: Sequence[str], encoder: EncoderConfig, params: EncodeParams,
-                     shard: int, n_shards: int, out: Path) -> dict[str, Any]:
+def run_encode_shard(
+    results: Path,
+    slide_ids: Sequence[str],
+    encoder: EncoderConfig,
+    params: EncodeParams,
+    shard: int,
+    n_shards: int,
+    out: Path,
+) -> dict[str, Any]:
     """Encode one shard of the cohort and write a summary JSON to `out`; a bad slide is recorded, never raised."""
     started = time.perf_counter()
     mine = shard_slides(tile_counts(results, slide_ids), shard, n_shards)
     with job_devices(results, params.device, params.gpus_per_job) as devices:
         sidecars = encode_slides(results, mine, encoder, devices, params) if mine else {}
     summary = {
-        "shard": shard, "n_shards": n_shards, "encoder": encoder.name, "devices": devices,
+        "shard": shard,
+        "n_shards": n_shards,
+        "encoder": encoder.name,
+        "devices": devices,
         "seconds": round(time.perf_counter() - started, 3),
-        "slides": {sid: {k: getattr(side, k) for k in ("status", "reason", "n_tiles", "tiles_per_s")}
-                   for sid, side in sidecars.items()},
+        "slides": {
+            sid: {k: getattr(side, k) for k in ("status", "reason", "n_tiles", "tiles_per_s")}
+            for sid, side in sidecars.items()
+        },
     }
     write_json_atomic(out, summary)
     return summary

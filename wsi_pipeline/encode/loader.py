@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-
 @dataclass(frozen=True)
 class SlideSource:
     """How to reopen the slide a tile table was made from (path, backend, MPP override)."""
@@ -49,18 +48,23 @@ class SlideSource:
     def from_tile_attrs(cls, attrs: dict[str, Any]) -> SlideSource:
         mpp = float(attrs["slide_mpp"]) if attrs.get("mpp_source") == "override" else None
         size = attrs.get("slide_file_size")
-        return cls(str(attrs["slide_path"]), str(attrs.get("backend", "auto")), mpp,
-                   int(size) if size is not None else None)
+        return cls(
+            str(attrs["slide_path"]), str(attrs.get("backend", "auto")), mpp, int(size) if size is not None else None
+        )
 
     def check_unchanged(self) -> None:
         """Fail early when the slide file was replaced since tiling: its coordinates would be meaningless."""
         p = Path(self.path)
         if not p.exists():
-            raise SlideError(f"{p}: slide file not found (it was tiled from here); restore it or rerun "
-                             "`wsi-pipeline tile` with its new path")
+            raise SlideError(
+                f"{p}: slide file not found (it was tiled from here); restore it or rerun "
+                "`wsi-pipeline tile` with its new path"
+            )
         if self.expected_size is not None and p.is_file() and p.stat().st_size != self.expected_size:
-            raise SlideError(f"{p}: file size changed since tiling ({self.expected_size} -> {p.stat().st_size} "
-                             "bytes); rerun `wsi-pipeline tile` for this slide")
+            raise SlideError(
+                f"{p}: file size changed since tiling ({self.expected_size} -> {p.stat().st_size} "
+                "bytes); rerun `wsi-pipeline tile` for this slide"
+            )
 
     def open(self) -> Slide:
         return open_slide(self.path, backend=self.backend, mpp=self.mpp)  # type: ignore[arg-type]
@@ -69,8 +73,15 @@ class SlideSource:
 class TileBatchDataset(Dataset):
     """Item i = rows [start + i*B, start + (i+1)*B) of the tile table as (tiles uint8 (b, px, px, 3), row, error)."""
 
-    def __init__(self, source: SlideSource, geometry: TileGeometry, coords: np.ndarray, batch_size: int,
-                 start: int = 0, stop: int | None = None) -> None:
+    def __init__(
+        self,
+        source: SlideSource,
+        geometry: TileGeometry,
+        coords: np.ndarray,
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.source = source
@@ -125,16 +136,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: TileBatchDataset, *, num_workers: int = 0, device: torch.device | str = "cpu",
-                prefetch_factor: int = 2) -> DataLoader:
+def make_loader(
+    dataset: TileBatchDataset, *, num_workers: int = 0, device: torch.device | str = "cpu", prefetch_factor: int = 2
+) -> DataLoader:
     """A DataLoader of whole batches: bounded prefetch (num_workers x prefetch_factor), pinned only for CUDA."""
     device = torch.device(device)
     pin = device.type == "cuda" and torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin,
-                      **kwargs)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin, **kwargs)
 
 
 @dataclass
@@ -147,12 +158,14 @@ def _encode_backoff(enc: TileEncoder, tiles: torch.Tensor, state: _Batching) -> 
     outs, i = [], 0
     while i < len(tiles):
         try:
-            outs.append(enc.encode_uint8(tiles[i:i + state.size]))
+            outs.append(enc.encode_uint8(tiles[i : i + state.size]))
             i += state.size
         except _OOM as err:
             if state.size == 1:
-                raise FeatureError(f"encoder {enc.name!r} runs out of device memory with one tile per batch; "
-                                   "use a smaller encoder.image_size or a larger GPU") from err
+                raise FeatureError(
+                    f"encoder {enc.name!r} runs out of device memory with one tile per batch; "
+                    "use a smaller encoder.image_size or a larger GPU"
+                ) from err
             state.size //= 2
             log.warning("CUDA out of memory: batch size halved to %d", state.size)
             if torch.cuda.is_available():
@@ -180,13 +193,23 @@ def _consume(pending: tuple[torch.Tensor, Any, int], writer: ShardWriter, dtype:
     with np.errstate(over="ignore"):  # overflow is detected just below, with a useful message
         arr = host.numpy().astype(dtype)
     if not np.isfinite(arr).all():
-        raise FeatureError(f"{where}: embeddings overflow {dtype} (|x| > {np.finfo(dtype).max:g}); "
-                           "store float32 (encode.dtype: float32)")
+        raise FeatureError(
+            f"{where}: embeddings overflow {dtype} (|x| > {np.finfo(dtype).max:g}); "
+            "store float32 (encode.dtype: float32)"
+        )
     writer.append(arr)
 
 
-def encode_rows(enc: TileEncoder, dataset: TileBatchDataset, writer: ShardWriter, *, dtype: str = "float16",
-                num_workers: int = 0, prefetch_factor: int = 2, context: str = "") -> int:
+def encode_rows(
+    enc: TileEncoder,
+    dataset: TileBatchDataset,
+    writer: ShardWriter,
+    *,
+    dtype: str = "float16",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    context: str = "",
+) -> int:
     """Run every batch of `dataset` through `enc` into `writer` (cast to `dtype`); returns the final (possibly
     halved) batch size. A tile that fails to decode raises `SlideError`; a non-finite embedding `FeatureError`."""
     state = _Batching(dataset.batch_size)

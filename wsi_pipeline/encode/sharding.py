@@ -87,8 +87,9 @@ def split_rows(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def plan_shards(tile_counts: Mapping[str, int], n_devices: int, *, split_threshold: int | None = None,
-                align: int = 1) -> list[list[Task]]:
+def plan_shards(
+    tile_counts: Mapping[str, int], n_devices: int, *, split_threshold: int | None = None, align: int = 1
+) -> list[list[Task]]:
     """Per-device task lists. A slide with more tiles than `split_threshold` (default: the fair share
     total / n_devices) is cut into up to `n_devices` row ranges aligned to `align` rows (use the batch size,
     so batches are the same as unsplit)."""
@@ -112,6 +113,7 @@ def plan_shards(tile_counts: Mapping[str, int], n_devices: int, *, split_thresho
 
 # --- split slides: per-part stores, merged under the slide lock ------------------------------------------------
 
+
 def part_path(results: Path, encoder: str, task: Task) -> Path:
     parts = ResultsLayout(results).feature_parts(encoder, task.slide_id)
     return parts / f"{task.start:010d}-{task.stop:010d}.zarr"
@@ -124,8 +126,15 @@ def part_lock(results: Path, encoder: str, task: Task) -> Path:
     return lock.with_name(f"{task.slide_id}.part-{task.start}-{task.stop}.lock")
 
 
-def encode_part(results: Path, task: Task, cfg: EncoderConfig, params: EncodeParams, handle: EncoderHandle,
-                force: bool = False, layout: StoreLayout | None = None) -> dict[str, Any]:
+def encode_part(
+    results: Path,
+    task: Task,
+    cfg: EncoderConfig,
+    params: EncodeParams,
+    handle: EncoderHandle,
+    force: bool = False,
+    layout: StoreLayout | None = None,
+) -> dict[str, Any]:
     """Rows [task.start, task.stop) into a part store (kept when complete, so a rerun resumes from it)."""
     path = part_path(results, cfg.name, task)
     started = time.perf_counter()
@@ -137,17 +146,25 @@ def encode_part(results: Path, task: Task, cfg: EncoderConfig, params: EncodePar
             expect = {**expected_attrs(cfg, params.dtype, table.attrs), **extra}
             if force or not is_complete_store(path, expect):
                 remove_stale_temporaries(path)
-                res["batch_size_final"] = write_feature_store(path, task.slide_id, table, task.start, task.stop,
-                                                              cfg, handle, params, results, extra, layout)
+                res["batch_size_final"] = write_feature_store(
+                    path, task.slide_id, table, task.start, task.stop, cfg, handle, params, results, extra, layout
+                )
         except (SkipSlide, PipelineError) as err:
             res.update(status=STATUS_FAILED, reason=str(err))
     res["seconds"] = round(time.perf_counter() - started, 3)
     return res
 
 
-def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: list[dict[str, Any]],
-                cfg: EncoderConfig, params: EncodeParams, force: bool = False,
-                layout: StoreLayout | None = None) -> EncodeSidecar:
+def merge_parts(
+    results: Path,
+    slide_id: str,
+    tasks: list[Task],
+    part_results: list[dict[str, Any]],
+    cfg: EncoderConfig,
+    params: EncodeParams,
+    force: bool = False,
+    layout: StoreLayout | None = None,
+) -> EncodeSidecar:
     """Publish a split slide: copy its part stores, in row order, into the final store; write the sidecar."""
     paths = ResultsLayout(results)
     store = paths.feature_store(cfg.name, slide_id)
@@ -165,8 +182,9 @@ def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: l
                 raise FeatureError(bad[0]["reason"])
             if force or not is_complete_store(store, expected_attrs(cfg, params.dtype, table.attrs)):
                 remove_stale_temporaries(store)
-                side.batch_size_final = _merge(store, [part_path(results, cfg.name, t) for t in tasks], table,
-                                               params, layout)
+                side.batch_size_final = _merge(
+                    store, [part_path(results, cfg.name, t) for t in tasks], table, params, layout
+                )
             side.status, side.store = STATUS_OK, paths.rel(store)
         except (SkipSlide, PipelineError) as err:
             side.status, side.reason = STATUS_FAILED, str(err)
@@ -177,8 +195,7 @@ def merge_parts(results: Path, slide_id: str, tasks: list[Task], part_results: l
     return side
 
 
-def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParams,
-           layout: StoreLayout | None) -> int:
+def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParams, layout: StoreLayout | None) -> int:
     groups = [zarr.open_group(str(p), mode="r") for p in parts]
     dim = int(groups[0]["features"].shape[1])
     n = len(table)
@@ -189,16 +206,17 @@ def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParam
         for pg in groups:  # stream shard-sized blocks: memory stays one shard
             pf, pc = pg["features"], pg["coords"]
             for i in range(0, pf.shape[0], layout.shard_rows):
-                fw.append(pf[i:i + layout.shard_rows])
-                cw.append(pc[i:i + layout.shard_rows])
+                fw.append(pf[i : i + layout.shard_rows])
+                cw.append(pc[i : i + layout.shard_rows])
         fw.close()
         cw.close()
         if not np.array_equal(np.asarray(coords[...]), table.coords):
             raise FeatureError(f"{final}: merged coords differ from the tile table; rerun with --force")
         attrs = {k: v for k, v in dict(groups[0].attrs).items() if k not in ("part_start", "part_stop")}
         final_batch = min(int(pg.attrs.get("batch_size_final", params.batch_size)) for pg in groups)
-        attrs.update(n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts),
-                     complete=True)
+        attrs.update(
+            n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts), complete=True
+        )
         g.attrs.update(attrs)
     return final_batch
 
@@ -218,6 +236,7 @@ def _remove_parts(parts_dir: Path, tasks: list[Task], results: Path, encoder: st
 
 # --- one process per device ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DeviceWork:
     """What every device process needs besides its task list (picklable: sent to spawned processes)."""
@@ -229,15 +248,17 @@ class DeviceWork:
     layout: StoreLayout | None
 
 
-def _failed_slide(work: DeviceWork, cfg: EncoderConfig, slide_id: str, device: str, n_tiles: int,
-                  reason: str) -> EncodeSidecar:
+def _failed_slide(
+    work: DeviceWork, cfg: EncoderConfig, slide_id: str, device: str, n_tiles: int, reason: str
+) -> EncodeSidecar:
     side = new_sidecar(slide_id, cfg, device, work.params)
     side.n_tiles, side.reason = n_tiles, reason
     return side.finish(0.0, ResultsLayout(work.results).feature_sidecar(cfg.name, slide_id))
 
 
-def _run_device(device: str, tasks: list[Task], work: DeviceWork,
-                report: Callable[[Task, dict[str, Any] | EncodeSidecar], None]) -> dict[str, Any]:
+def _run_device(
+    device: str, tasks: list[Task], work: DeviceWork, report: Callable[[Task, dict[str, Any] | EncodeSidecar], None]
+) -> dict[str, Any]:
     """Work through one device's bin with one encoder (built on first need); report each task's result."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
@@ -250,8 +271,7 @@ def _run_device(device: str, tasks: list[Task], work: DeviceWork,
             if task.part:
                 res = encode_part(work.results, task, cfg, work.params, handle, work.force, work.layout)
             else:
-                res = encode_whole_slide(work.results, task.slide_id, cfg, work.params, handle, work.force,
-                                         work.layout)
+                res = encode_whole_slide(work.results, task.slide_id, cfg, work.params, handle, work.force, work.layout)
         except Exception as err:  # a bug on one slide must not stop the device's other slides
             log.exception("%s on %s", task.slide_id, device)
             reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -260,8 +280,13 @@ def _run_device(device: str, tasks: list[Task], work: DeviceWork,
             else:
                 res = _failed_slide(work, cfg, task.slide_id, device, task.n_tiles, reason)
         report(task, res)
-    return {"device": device, "pid": os.getpid(), "model_loads": handle.builds,
-            "model_load_seconds": round(handle.load_seconds, 3), "tasks": len(tasks)}
+    return {
+        "device": device,
+        "pid": os.getpid(),
+        "model_loads": handle.builds,
+        "model_load_seconds": round(handle.load_seconds, 3),
+        "tasks": len(tasks),
+    }
 
 
 def _device_main(rank: int, device: str, tasks: list[Task], work: DeviceWork, threads: int | None, q: Any) -> None:
@@ -271,10 +296,17 @@ def _device_main(rank: int, device: str, tasks: list[Task], work: DeviceWork, th
     q.put(("done", rank, summary))
 
 
-def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: EncoderConfig,
-                  devices: Sequence[str | torch.device] = ("auto",), params: EncodeParams | None = None, *,
-                  force: bool = False, layout: StoreLayout | None = None,
-                  **overrides: Any) -> dict[str, EncodeSidecar]:
+def encode_slides(
+    results: str | Path,
+    slide_ids: Sequence[str],
+    encoder_cfg: EncoderConfig,
+    devices: Sequence[str | torch.device] = ("auto",),
+    params: EncodeParams | None = None,
+    *,
+    force: bool = False,
+    layout: StoreLayout | None = None,
+    **overrides: Any,
+) -> dict[str, EncodeSidecar]:
     """Encode a cohort over `devices` (e.g. ["cuda:0", "cuda:1"]; CPU entries work the same), one process and one
     model load per device, slides bin-packed by tile count and big ones split. Returns {slide_id: sidecar}.
 
@@ -289,8 +321,11 @@ def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: En
     for sid in dict.fromkeys(slide_ids):
         attrs = read_tile_attrs(paths.tile_store(sid))
         store = paths.feature_store(encoder_cfg.name, sid)
-        if attrs is not None and not force and is_complete_store(
-                store, expected_attrs(encoder_cfg, params.dtype, attrs)):
+        if (
+            attrs is not None
+            and not force
+            and is_complete_store(store, expected_attrs(encoder_cfg, params.dtype, attrs))
+        ):
             handle = EncoderHandle(encoder_cfg, torch.device("cpu"))  # reuses the store: no model is built
             out[sid] = encode_whole_slide(results, sid, encoder_cfg, params, handle, force, layout)
         else:
@@ -307,8 +342,11 @@ def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: En
     for sid, lst in parts.items():
         planned = [t for bin_ in plan for t in bin_ if t.slide_id == sid]
         got = {t for t, _ in lst}
-        lost = [{"status": STATUS_FAILED, "reason": f"rows {t.start}-{t.stop}: worker process died"}
-                for t in planned if t not in got]
+        lost = [
+            {"status": STATUS_FAILED, "reason": f"rows {t.start}-{t.stop}: worker process died"}
+            for t in planned
+            if t not in got
+        ]
         out[sid] = merge_parts(results, sid, planned, [r for _, r in lst] + lost, encoder_cfg, params, force, layout)
     for sid in counts:
         if sid not in out:  # its device's process died before reporting
@@ -319,17 +357,22 @@ def encode_slides(results: str | Path, slide_ids: Sequence[str], encoder_cfg: En
     return {sid: out[sid] for sid in dict.fromkeys(slide_ids)}
 
 
-def _run_all(devs: list[str], plan: list[list[Task]], work: DeviceWork,
-             reports: list[tuple[Task, Any]]) -> list[dict[str, Any]]:
+def _run_all(
+    devs: list[str], plan: list[list[Task]], work: DeviceWork, reports: list[tuple[Task, Any]]
+) -> list[dict[str, Any]]:
     if len(devs) == 1:
         return [_run_device(devs[0], plan[0], work, lambda t, r: reports.append((t, r)))]
     ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn is safe everywhere
     q = ctx.Queue()
     n_cpu = sum(d == "cpu" for d in devs)
     threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))  # CPU "devices" share the cores
-    procs = {rank: ctx.Process(target=_device_main, args=(rank, d, plan[rank], work,
-                                                          threads if d == "cpu" else None, q), daemon=False)
-             for rank, d in enumerate(devs) if plan[rank]}
+    procs = {
+        rank: ctx.Process(
+            target=_device_main, args=(rank, d, plan[rank], work, threads if d == "cpu" else None, q), daemon=False
+        )
+        for rank, d in enumerate(devs)
+        if plan[rank]
+    }
     for p in procs.values():
         p.start()
     summaries: dict[int, dict[str, Any]] = {}

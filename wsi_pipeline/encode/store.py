@@ -25,7 +25,6 @@ SHARD_BYTES = 32 << 20  # ~32 MiB shards: a 100k-tile ConceptCLIP slide is ~7 fi
 MIN_CHUNK_ROWS = 16
 
 
-
 @dataclass(frozen=True)
 class StoreLayout:
     """Rows per chunk and per shard (a multiple of the chunk) of a feature store."""
@@ -35,8 +34,9 @@ class StoreLayout:
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1 or self.shard_rows < self.chunk_rows or self.shard_rows % self.chunk_rows:
-            raise ValueError(f"shard_rows={self.shard_rows} must be a positive multiple of chunk_rows="
-                             f"{self.chunk_rows}")
+            raise ValueError(
+                f"shard_rows={self.shard_rows} must be a positive multiple of chunk_rows={self.chunk_rows}"
+            )
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -46,8 +46,9 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def plan_layout(n_rows: int, embed_dim: int, dtype: str = "float16", chunk_bytes: int = CHUNK_BYTES,
-                shard_bytes: int = SHARD_BYTES) -> StoreLayout:
+def plan_layout(
+    n_rows: int, embed_dim: int, dtype: str = "float16", chunk_bytes: int = CHUNK_BYTES, shard_bytes: int = SHARD_BYTES
+) -> StoreLayout:
     """A layout depending only on (rows, width, dtype), so every writer of a slide lays it out identically."""
     row_bytes = max(1, embed_dim) * np.dtype(dtype).itemsize
     chunk = max(MIN_CHUNK_ROWS, _pow2_floor(chunk_bytes // row_bytes))
@@ -58,18 +59,24 @@ def plan_layout(n_rows: int, embed_dim: int, dtype: str = "float16", chunk_bytes
     return StoreLayout(chunk, shard)
 
 
-def create_feature_arrays(group: zarr.Group, n_rows: int, embed_dim: int, dtype: str,
-                          layout: StoreLayout) -> tuple[zarr.Array, zarr.Array]:
+def create_feature_arrays(
+    group: zarr.Group, n_rows: int, embed_dim: int, dtype: str, layout: StoreLayout
+) -> tuple[zarr.Array, zarr.Array]:
     """`features` (n_rows x embed_dim) and `coords` (n_rows x 2) in `group`, sharded by `layout`."""
     if dtype not in FEATURE_DTYPES:
         raise FeatureError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
     c, s = layout.chunk_rows, layout.shard_rows
     # NaN fill: rows never written (a killed writer, a shard file lost in a copy) read as NaN, which every reader
     # rejects as non-finite, rather than as plausible zero features
-    feats = group.create_array("features", shape=(n_rows, embed_dim), dtype=dtype, chunks=(c, embed_dim),
-                               shards=(s, embed_dim), fill_value=float("nan"))
-    coords = group.create_array("coords", shape=(n_rows, 2), dtype="int64", chunks=(c, 2), shards=(s, 2),
-                                fill_value=0)
+    feats = group.create_array(
+        "features",
+        shape=(n_rows, embed_dim),
+        dtype=dtype,
+        chunks=(c, embed_dim),
+        shards=(s, embed_dim),
+        fill_value=float("nan"),
+    )
+    coords = group.create_array("coords", shape=(n_rows, 2), dtype="int64", chunks=(c, 2), shards=(s, 2), fill_value=0)
     return feats, coords
 
 
@@ -85,8 +92,9 @@ class ShardWriter:
         self.stop = int(array.shape[0] if stop is None else stop)
         if self.start % self.shard_rows:
             raise ValueError(f"writer start {start} is not on a shard boundary ({self.shard_rows} rows)")
-        self._buf = np.empty((min(self.shard_rows, max(self.stop - self.start, 0)), *array.shape[1:]),
-                             dtype=array.dtype)
+        self._buf = np.empty(
+            (min(self.shard_rows, max(self.stop - self.start, 0)), *array.shape[1:]), dtype=array.dtype
+        )
         self._fill = 0
         self.written = 0  # rows already in the array
         self.peak_rows = 0
@@ -103,7 +111,7 @@ class ShardWriter:
         i = 0
         while i < len(rows):
             take = min(len(rows) - i, len(self._buf) - self._fill)
-            self._buf[self._fill:self._fill + take] = rows[i:i + take]  # casts to the store dtype
+            self._buf[self._fill : self._fill + take] = rows[i : i + take]  # casts to the store dtype
             self._fill += take
             i += take
             self.peak_rows = max(self.peak_rows, self._fill)
@@ -114,7 +122,7 @@ class ShardWriter:
         if not self._fill:
             return
         at = self.start + self.written
-        self.array[at:at + self._fill] = self._buf[:self._fill]
+        self.array[at : at + self._fill] = self._buf[: self._fill]
         self.written += self._fill
         self._fill = 0
         self.flushes += 1
@@ -123,8 +131,6 @@ class ShardWriter:
         self._flush()
         if self.start + self.written != self.stop:
             raise FeatureError(f"{self.array.store}: wrote {self.written} of {self.stop - self.start} rows")
-
-
 
 
 def is_complete_store(path: Path, expect: Mapping[str, Any] | None = None) -> bool:

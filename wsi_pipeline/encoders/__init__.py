@@ -42,6 +42,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 # name -> "module:function", imported lazily so `import wsi_pipeline.encoders` stays light.
 _REGISTRY: dict[str, str | Builder] = {
     "conceptclip": "wsi_pipeline.encoders.hf_conceptclip:build_conceptclip",

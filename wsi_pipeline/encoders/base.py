@@ -23,6 +23,7 @@ from wsi_pipeline.errors import EncoderError, FeatureError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
+
 def _sha256_file(path: Path) -> str:
     # Files in the Hugging Face cache are symlinks to blobs named by their sha256 (LFS files): use the name.
     real = path.resolve()
@@ -74,8 +75,12 @@ def library_versions() -> dict[str, str]:
 
     out = {"wsi_pipeline": wsi_pipeline.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
     # Distribution metadata, not imports: importing transformers/open_clip just for a version costs seconds.
-    for key, dist in (("transformers", "transformers"), ("timm", "timm"), ("open_clip", "open_clip_torch"),
-                      ("skimage", "scikit-image")):
+    for key, dist in (
+        ("transformers", "transformers"),
+        ("timm", "timm"),
+        ("open_clip", "open_clip_torch"),
+        ("skimage", "scikit-image"),
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[key] = version(dist)
     return out

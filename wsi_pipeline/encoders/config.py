@@ -11,6 +11,7 @@ import pydantic
 CONCEPTCLIP_REPO = "JerrryNie/ConceptCLIP"
 CONCEPTCLIP_REVISION = "c91b537cd004630f1e262ef1975200070629a8a9"
 
+
 class EncoderConfig(pydantic.BaseModel):
     """Which tile encoder to build and from where; the `encoder:` block of the pipeline config."""
 

@@ -85,19 +85,18 @@ def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") ->
         )
 
     proc = model_dir / "preprocessor_config.json"
-    prep = preprocessing_from_processor_config(proc, CONCEPTCLIP_PREPROCESSING) if proc.is_file() else (
-        CONCEPTCLIP_PREPROCESSING
+    prep = (
+        preprocessing_from_processor_config(proc, CONCEPTCLIP_PREPROCESSING)
+        if proc.is_file()
+        else (CONCEPTCLIP_PREPROCESSING)
     )
     prep = with_size(prep, cfg.image_size)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return _pooled(model.encode_image(pixels, normalize=False))
 
-    source = ModelSource(
-        model_id=repo_id, path=str(model_dir), revision=revision, weight_files=weight_files(model_dir)
-    )
+    source = ModelSource(model_id=repo_id, path=str(model_dir), revision=revision, weight_files=weight_files(model_dir))
     enc = TorchTileEncoder(cfg.name, model, forward, None, prep, source, cfg, device)
     enc._provenance_extra["trust_remote_code"] = cfg.trust_remote_code
     enc._provenance_extra["model_class"] = type(model).__name__
     return enc
-

@@ -45,7 +45,7 @@ def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> T
         if not model_id:
             raise EncoderError(f"{what}: set encoder.model_id (hf-hub:org/name) or encoder.path")
         if model_id.startswith("hf-hub:"):
-            repo_id = model_id[len("hf-hub:"):]
+            repo_id = model_id[len("hf-hub:") :]
         elif "/" in model_id:
             repo_id = model_id
         else:
@@ -55,8 +55,13 @@ def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> T
     elif model_id and not model_id.startswith("hf-hub:"):
         arch = model_id
     source_dir, revision = resolve_model_dir(
-        path=cfg.path, repo_id=repo_id, revision=cfg.revision, cache_dir=cfg.cache_dir,
-        local_files_only=cfg.local_files_only, what=what, allow_patterns=_HUB_FILES,
+        path=cfg.path,
+        repo_id=repo_id,
+        revision=cfg.revision,
+        cache_dir=cfg.cache_dir,
+        local_files_only=cfg.local_files_only,
+        what=what,
+        allow_patterns=_HUB_FILES,
     )
     kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
     try:

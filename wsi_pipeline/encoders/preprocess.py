@@ -115,5 +115,4 @@ def with_size(prep: Preprocessing, size: int | None) -> Preprocessing:
     """The same preprocessing at another input size (EncoderConfig.image_size)."""
     if size is None or size == prep.size:
         return prep
-    return Preprocessing(size=size, interpolation=prep.interpolation, mean=prep.mean, std=prep.std,
-                         resize=prep.resize)
+    return Preprocessing(size=size, interpolation=prep.interpolation, mean=prep.mean, std=prep.std, resize=prep.resize)

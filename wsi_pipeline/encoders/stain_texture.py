@@ -32,7 +32,10 @@ GRAY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray's lu
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"{s}_{stat}" for s in ("hema", "eosin", "dab") for stat in ("mean", "std", "p10", "p50", "p90")),
     *(f"{c}_{m}" for c in ("red", "green", "blue") for m in ("mean", "std", "skew")),
-    "saturation_mean", "value_mean", "tissue_fraction", "nuclei_fraction",
+    "saturation_mean",
+    "value_mean",
+    "tissue_fraction",
+    "nuclei_fraction",
     *(f"glcm_{p}_d{d}" for d in GLCM_DISTANCES for p in GLCM_PROPS),
     *(f"lbp_{i}" for i in range(LBP_POINTS + 2)),
 )
@@ -57,7 +60,7 @@ def batched_glcm(q: np.ndarray, distance: int, levels: int = GLCM_LEVELS) -> np.
         r0, r1 = max(0, -dr), h - max(0, dr)
         c0, c1 = max(0, -dc), w - max(0, dc)
         i = q[:, r0:r1, c0:c1].astype(np.int64)
-        j = q[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc].astype(np.int64)
+        j = q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc].astype(np.int64)
         counts = np.bincount((base + i * levels + j).ravel(), minlength=b * levels * levels)
         m = counts.reshape(b, levels, levels).astype(np.float64)
         m = m + m.transpose(0, 2, 1)  # symmetric
@@ -133,9 +136,7 @@ def stain_texture_features(tiles: np.ndarray) -> np.ndarray:
     planes = [np.ascontiguousarray(tiles[..., c]).reshape(b, -1) for c in range(3)]  # (B, H*W) each
     od = [_OD_LUT[p] for p in planes]
     # (B, 3, H*W) channel-first optical densities (rgb2hed's matrix product written out per stain).
-    hed = np.stack(
-        [np.maximum(od[0] * m[0] + od[1] * m[1] + od[2] * m[2], 0.0) for m in _HED_FROM_RGB.T], axis=1
-    )
+    hed = np.stack([np.maximum(od[0] * m[0] + od[1] * m[1] + od[2] * m[2], 0.0) for m in _HED_FROM_RGB.T], axis=1)
     # Percentiles from every 4th pixel: a fixed lattice, 4x cheaper than sorting all pixels, same to ~1e-3.
     pct = np.percentile(hed[:, :, ::PCT_STRIDE], [10, 50, 90], axis=2)  # (3, B, 3)
     stain = np.stack([hed.mean(axis=2), hed.std(axis=2), pct[0], pct[1], pct[2]], axis=2).reshape(b, 15)
@@ -145,16 +146,26 @@ def stain_texture_features(tiles: np.ndarray) -> np.ndarray:
     vmax = np.maximum(np.maximum(planes[0], planes[1]), planes[2])
     vmin = np.minimum(np.minimum(planes[0], planes[1]), planes[2])
     sat = (vmax - vmin).astype(np.float32) / np.maximum(vmax, 1).astype(np.float32)
-    gray_flat = np.rint(
-        planes[0] * np.float32(GRAY_WEIGHTS[0]) + planes[1] * np.float32(GRAY_WEIGHTS[1])
-        + planes[2] * np.float32(GRAY_WEIGHTS[2])
-    ).clip(0, 255).astype(np.uint8)
+    gray_flat = (
+        np.rint(
+            planes[0] * np.float32(GRAY_WEIGHTS[0])
+            + planes[1] * np.float32(GRAY_WEIGHTS[1])
+            + planes[2] * np.float32(GRAY_WEIGHTS[2])
+        )
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
     tissue = (sat > TISSUE_SAT_MIN) & (vmax < TISSUE_VALUE_MAX * 255)
     nuclei = (hed[:, 0] > NUCLEI_H_MIN) & (gray_flat < NUCLEI_GRAY_MAX * 255)
     n = gray_flat.shape[1]
     colour = np.stack(
-        [sat.mean(axis=1), vmax.mean(axis=1) / 255.0, np.count_nonzero(tissue, axis=1) / n,
-         np.count_nonzero(nuclei, axis=1) / n], axis=1,
+        [
+            sat.mean(axis=1),
+            vmax.mean(axis=1) / 255.0,
+            np.count_nonzero(tissue, axis=1) / n,
+            np.count_nonzero(nuclei, axis=1) / n,
+        ],
+        axis=1,
     )
     gray = gray_flat.reshape(tiles.shape[:3])
 
@@ -185,7 +196,7 @@ class StainTextureEncoder(TileEncoder):
     def encode_uint8(self, tiles: torch.Tensor) -> torch.Tensor:
         arr = tiles.detach().cpu().numpy()
         # Chunks bound the float64 temporaries of rgb2hed (~24 bytes per pixel).
-        feats = [stain_texture_features(arr[i:i + CHUNK]) for i in range(0, len(arr), CHUNK)] or [
+        feats = [stain_texture_features(arr[i : i + CHUNK]) for i in range(0, len(arr), CHUNK)] or [
             stain_texture_features(arr)
         ]
         return torch.from_numpy(np.concatenate(feats)).to(self.device)
@@ -194,7 +205,8 @@ class StainTextureEncoder(TileEncoder):
         return {
             "feature_names": list(FEATURE_NAMES),
             "params": {
-                "glcm_levels": GLCM_LEVELS, "glcm_distances": list(GLCM_DISTANCES),
+                "glcm_levels": GLCM_LEVELS,
+                "glcm_distances": list(GLCM_DISTANCES),
                 "lbp": {"points": LBP_POINTS, "radius": LBP_RADIUS, "method": "uniform", "downsample": 2},
                 "nuclei": {"hema_min": NUCLEI_H_MIN, "gray_max": NUCLEI_GRAY_MAX},
                 "tissue": {"saturation_min": TISSUE_SAT_MIN, "value_max": TISSUE_VALUE_MAX},

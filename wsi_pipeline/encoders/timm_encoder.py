@@ -73,7 +73,7 @@ def build_timm(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchT
         if not arch:
             raise EncoderError(f"{what}: set encoder.model_id (a timm architecture or hf-hub:org/name) or encoder.path")
         if arch.startswith("hf-hub:"):
-            repo_id, arch = arch[len("hf-hub:"):], None
+            repo_id, arch = arch[len("hf-hub:") :], None
         else:
             try:
                 repo_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
@@ -82,8 +82,12 @@ def build_timm(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchT
             if not repo_id:
                 raise EncoderError(f"{what}: timm model {arch!r} has no Hugging Face weights; set encoder.path")
     model_dir, revision = resolve_model_dir(
-        path=cfg.path, repo_id=repo_id, revision=cfg.revision, cache_dir=cfg.cache_dir,
-        local_files_only=cfg.local_files_only, what=what,
+        path=cfg.path,
+        repo_id=repo_id,
+        revision=cfg.revision,
+        cache_dir=cfg.cache_dir,
+        local_files_only=cfg.local_files_only,
+        what=what,
     )
     files = weight_files(model_dir)
     dir_cfg = _timm_dir_config(model_dir) if model_dir.is_dir() else {}

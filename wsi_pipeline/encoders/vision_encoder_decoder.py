@@ -24,8 +24,12 @@ def _untrained_dense_pooler(encoder: torch.nn.Module) -> bool:
 def build_vision_encoder_decoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
     what = f"encoder {cfg.name!r}"
     model_dir, revision = resolve_model_dir(
-        path=cfg.path, repo_id=cfg.model_id if cfg.path is None else None, revision=cfg.revision,
-        cache_dir=cfg.cache_dir, local_files_only=cfg.local_files_only, what=what,
+        path=cfg.path,
+        repo_id=cfg.model_id if cfg.path is None else None,
+        revision=cfg.revision,
+        cache_dir=cfg.cache_dir,
+        local_files_only=cfg.local_files_only,
+        what=what,
     )
     from transformers import VisionEncoderDecoderModel
 

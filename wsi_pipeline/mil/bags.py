@@ -76,8 +76,10 @@ class ZarrStore:
         return zarr.open_group(str(self.path(slide_id)), mode="r")
 
     def _unreadable(self, slide_id: str, exc: Exception) -> TrainingDataError:
-        return TrainingDataError(f"{self.path(slide_id)}: cannot read array 'features' ({type(exc).__name__}: "
-                                 f"{exc}); re-run feature extraction for this slide")
+        return TrainingDataError(
+            f"{self.path(slide_id)}: cannot read array 'features' ({type(exc).__name__}: "
+            f"{exc}); re-run feature extraction for this slide"
+        )
 
     def check(self, bags: list[Bag]) -> None:
         """Metadata-only checks before any training: every store exists, has features, one width for all."""
@@ -86,7 +88,8 @@ class ZarrStore:
             shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
             raise TrainingDataError(
                 f"{len(missing)} slide(s) in the label table have no feature store under {self.root}: {shown}; "
-                "run feature extraction for them or remove them from the sample sheet")
+                "run feature extraction for them or remove them from the sample sheet"
+            )
         dims: dict[int, str] = {}
         for bag in bags:
             bag.lengths = []
@@ -96,13 +99,17 @@ class ZarrStore:
                 except Exception as exc:
                     raise self._unreadable(sid, exc) from exc
                 if arr.ndim != 2 or arr.shape[0] == 0:
-                    raise TrainingDataError(f"{self.path(sid)}: empty bag (features shape {arr.shape}); "
-                                            "check its tissue mask/tile grid or drop the slide from the sheet")
+                    raise TrainingDataError(
+                        f"{self.path(sid)}: empty bag (features shape {arr.shape}); "
+                        "check its tissue mask/tile grid or drop the slide from the sheet"
+                    )
                 dims.setdefault(int(arr.shape[1]), str(self.path(sid)))
                 bag.lengths.append(int(arr.shape[0]))
         if len(dims) > 1:
-            raise TrainingDataError(f"feature stores differ in width {sorted(dims)} (e.g. {list(dims.values())}); "
-                                    "use features from a single encoder")
+            raise TrainingDataError(
+                f"feature stores differ in width {sorted(dims)} (e.g. {list(dims.values())}); "
+                "use features from a single encoder"
+            )
         self.dim = next(iter(dims)) if dims else 0
 
     def load(self, bag: Bag) -> np.ndarray:
@@ -121,8 +128,10 @@ class ZarrStore:
             if feats.shape[0] == 0:
                 raise TrainingDataError(f"{self.path(sid)}: empty bag; drop the slide from the sheet")
             if not all_finite(feats):
-                raise TrainingDataError(f"{self.path(sid)}: features contain NaN or infinity (or rows never "
-                                        "written); re-run feature extraction for this slide")
+                raise TrainingDataError(
+                    f"{self.path(sid)}: features contain NaN or infinity (or rows never "
+                    "written); re-run feature extraction for this slide"
+                )
             parts.append(feats)
         feats = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if self.cache_bytes and feats.nbytes <= self.cache_bytes:
@@ -183,8 +192,9 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
     need = [task.slide_col] + [c for c in (task.label, task.time, task.event, task.patient_col) if c]
     absent = [c for c in need if c not in df.columns]
     if absent:
-        raise TrainingDataError(f"{path}: column(s) {absent} missing for task {task.name!r}; "
-                                f"the sheet has {list(df.columns)}")
+        raise TrainingDataError(
+            f"{path}: column(s) {absent} missing for task {task.name!r}; the sheet has {list(df.columns)}"
+        )
     if task.patient_col is None:
         df["_patient"] = df[task.slide_col].astype(str)
     else:
@@ -196,21 +206,26 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
         classes = list(task.classes) if task.classes else sorted(values.unique())
         unknown = sorted(set(values) - set(classes))
         if unknown:
-            raise TrainingDataError(f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
-                                    "fix the sheet or the task's `classes`")
+            raise TrainingDataError(
+                f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
+                "fix the sheet or the task's `classes`"
+            )
         df["_target"] = values.map({c: i for i, c in enumerate(classes)}).astype(int)
         return df, classes
     df = df[df[task.time].notna() & df[task.event].notna()].copy()
     times = pd.to_numeric(df[task.time], errors="coerce")
     bad_t = df.loc[~(times > 0), task.slide_col].tolist()
     if bad_t:
-        raise TrainingDataError(f"{path}: survival time must be > 0 for task {task.name!r}; "
-                                f"bad rows (slide ids): {bad_t[:20]}")
+        raise TrainingDataError(
+            f"{path}: survival time must be > 0 for task {task.name!r}; bad rows (slide ids): {bad_t[:20]}"
+        )
     events = pd.to_numeric(df[task.event], errors="coerce")
     bad_e = df.loc[~events.isin([0, 1]), task.slide_col].tolist()
     if bad_e:
-        raise TrainingDataError(f"{path}: event must be 0 (censored) or 1 (observed) for task {task.name!r}; "
-                                f"bad rows (slide ids): {bad_e[:20]}")
+        raise TrainingDataError(
+            f"{path}: event must be 0 (censored) or 1 (observed) for task {task.name!r}; "
+            f"bad rows (slide ids): {bad_e[:20]}"
+        )
     df["_time"], df["_event"] = times.astype(float), events.astype(int)
     return df, None
 
@@ -221,13 +236,17 @@ def bags_from_sheet(df: pd.DataFrame, task: TaskConfig) -> list[Bag]:
     for pid, rows in df.groupby("_patient", sort=True):
         if task.type == "classification":
             if rows["_target"].nunique() > 1:
-                raise TrainingDataError(f"patient {pid} has slides with different labels for task {task.name!r}; "
-                                        "fix the sample sheet (a patient's slides share one label)")
+                raise TrainingDataError(
+                    f"patient {pid} has slides with different labels for task {task.name!r}; "
+                    "fix the sample sheet (a patient's slides share one label)"
+                )
             target = {"label": int(rows["_target"].iloc[0])}
         else:
             if rows["_time"].nunique() > 1 or rows["_event"].nunique() > 1:
-                raise TrainingDataError(f"patient {pid} has slides with different survival data for task "
-                                        f"{task.name!r}; make them agree in the sample sheet")
+                raise TrainingDataError(
+                    f"patient {pid} has slides with different survival data for task "
+                    f"{task.name!r}; make them agree in the sample sheet"
+                )
             target = {"time": float(rows["_time"].iloc[0]), "event": int(rows["_event"].iloc[0])}
         slides = rows[task.slide_col].tolist()
         if task.pool_slides:

@@ -40,11 +40,26 @@ def _bce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.logaddexp(0, logits) - y * logits  # numerically stable BCE with logits
 
 
-def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray, pool: str,
-               grid: list[dict[str, float]], inner_folds: int, epochs: int, batch_size: int,
-               max_instances: int | None, attn_dim: int, dropout: float, seed: int,
-               criterion: str = "loss", final_seeds: int = 0, embed: list[int] | None = None,
-               inner_seeds: int = 1, readout: str = "average") -> dict[str, Any]:
+def outer_fold(
+    bags: list[np.ndarray],
+    y: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    pool: str,
+    grid: list[dict[str, float]],
+    inner_folds: int,
+    epochs: int,
+    batch_size: int,
+    max_instances: int | None,
+    attn_dim: int,
+    dropout: float,
+    seed: int,
+    criterion: str = "loss",
+    final_seeds: int = 0,
+    embed: list[int] | None = None,
+    inner_seeds: int = 1,
+    readout: str = "average",
+) -> dict[str, Any]:
     """One outer fold: an ensemble trained on `train` only (inner folds x grid x seeds), predictions for `test`.
 
     readout "average": the mean probability of every member at its last epoch; "select": the configuration and
@@ -61,8 +76,16 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
     for m, (_, k) in enumerate(members):
         train_mask[m, train[inner[k][0]]] = True
         val_mask[m, train[inner[k][1]]] = True
-    model = StackedMIL(len(members), z[0].shape[1], [int(grid[g]["hidden"]) for g, _ in members], attn_dim,
-                       pool, [float(grid[g].get("dropout", dropout)) for g, _ in members], seed, embed)
+    model = StackedMIL(
+        len(members),
+        z[0].shape[1],
+        [int(grid[g]["hidden"]) for g, _ in members],
+        attn_dim,
+        pool,
+        [float(grid[g].get("dropout", dropout)) for g, _ in members],
+        seed,
+        embed,
+    )
     lr = np.array([grid[g]["lr"] for g, _ in members])
     wd = np.array([grid[g]["weight_decay"] for g, _ in members])
     logits = train_stacked(model, z, y, train_mask, lr, wd, epochs, batch_size, max_instances, seed)  # E,M,B
@@ -81,29 +104,67 @@ def outer_fold(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: n
     if readout == "average":  # no choice at all: every member at the end of its schedule
         prob = expit(logits[-1][:, test]).mean(0)
         oof = (expit(logits[-1]) * val_mask).sum(0)[train] / val_mask.sum(0)[train]  # each bag's held-out models
-        return {"accuracy": float(((prob > 0.5) == y[test]).mean()), "config": "all", "epoch": epochs,
-                "oof_accuracy": float(((oof > 0.5) == y[train]).mean()), "prob": prob,
-                "select_accuracy": float(((selected > 0.5) == y[test]).mean()),
-                **{f"select_{k}": v for k, v in choice.items()}}
+        return {
+            "accuracy": float(((prob > 0.5) == y[test]).mean()),
+            "config": "all",
+            "epoch": epochs,
+            "oof_accuracy": float(((oof > 0.5) == y[train]).mean()),
+            "prob": prob,
+            "select_accuracy": float(((selected > 0.5) == y[test]).mean()),
+            **{f"select_{k}": v for k, v in choice.items()},
+        }
     prob = selected
     if final_seeds:  # retrain the chosen configuration on the whole training fold, several initialisations
         final_mask = np.zeros((final_seeds, len(bags)), dtype=bool)
         final_mask[:, train] = True
-        final = StackedMIL(final_seeds, z[0].shape[1], [int(grid[g_best]["hidden"])] * final_seeds, attn_dim, pool,
-                           [float(grid[g_best].get("dropout", dropout))] * final_seeds, seed + 7, embed)
-        last = train_stacked(final, z, y, final_mask, np.full(final_seeds, grid[g_best]["lr"]),
-                             np.full(final_seeds, grid[g_best]["weight_decay"]), int(e_best) + 1, batch_size,
-                             max_instances, seed + 7)[-1]
+        final = StackedMIL(
+            final_seeds,
+            z[0].shape[1],
+            [int(grid[g_best]["hidden"])] * final_seeds,
+            attn_dim,
+            pool,
+            [float(grid[g_best].get("dropout", dropout))] * final_seeds,
+            seed + 7,
+            embed,
+        )
+        last = train_stacked(
+            final,
+            z,
+            y,
+            final_mask,
+            np.full(final_seeds, grid[g_best]["lr"]),
+            np.full(final_seeds, grid[g_best]["weight_decay"]),
+            int(e_best) + 1,
+            batch_size,
+            max_instances,
+            seed + 7,
+        )[-1]
         prob = expit(last[:, test]).mean(0)
     return {"accuracy": float(((prob > 0.5) == y[test]).mean()), **choice, "prob": prob}
 
 
-def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: str = "abmil-gated", seed: int = 0,
-              grid: dict[str, list[float]] | None = None, inner_folds: int = 3, epochs: int = 20,
-              batch_size: int = 4, max_instances: int | None = 128, attn_dim: int = 64, dropout: float = 0.0,
-              readout: str = "average", final_seeds: int = 0, criterion: str = "accuracy",
-              embed: list[int] | None = None, inner_seeds: int = 3, threads: int | None = 1,
-              out_json: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+def bench_mil(
+    csv_path: str | Path,
+    folds: int = 10,
+    repeats: int = 5,
+    model: str = "abmil-gated",
+    seed: int = 0,
+    grid: dict[str, list[float]] | None = None,
+    inner_folds: int = 3,
+    epochs: int = 20,
+    batch_size: int = 4,
+    max_instances: int | None = 128,
+    attn_dim: int = 64,
+    dropout: float = 0.0,
+    readout: str = "average",
+    final_seeds: int = 0,
+    criterion: str = "accuracy",
+    embed: list[int] | None = None,
+    inner_seeds: int = 3,
+    threads: int | None = 1,
+    out_json: str | Path | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Run the protocol on a `label,bag_id,features...` CSV; print and return a summary dict.
 
     The last printed line is one JSON object with at least `accuracy_mean` and `accuracy_se` (SE over the
@@ -113,9 +174,20 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
         raise TrainingDataError(f"bench_mil supports models {sorted(POOLS)}, not {model!r}")
     if readout not in ("average", "select"):
         raise TrainingDataError(f"bench_mil readout is 'average' or 'select', not {readout!r}")
-    recipe = {"grid": grid or DEFAULT_GRID, "inner_folds": inner_folds, "inner_seeds": inner_seeds, "epochs": epochs,
-              "batch_size": batch_size, "max_instances": max_instances, "attn_dim": attn_dim, "dropout": dropout,
-              "embed": embed, "readout": readout, "criterion": criterion, "final_seeds": final_seeds}
+    recipe = {
+        "grid": grid or DEFAULT_GRID,
+        "inner_folds": inner_folds,
+        "inner_seeds": inner_seeds,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_instances": max_instances,
+        "attn_dim": attn_dim,
+        "dropout": dropout,
+        "embed": embed,
+        "readout": readout,
+        "criterion": criterion,
+        "final_seeds": final_seeds,
+    }
     previous = torch.get_num_threads()
     if threads:  # small stacked models: one thread avoids contention on a shared CPU
         torch.set_num_threads(threads)
@@ -125,8 +197,16 @@ def bench_mil(csv_path: str | Path, folds: int = 10, repeats: int = 5, model: st
         torch.set_num_threads(previous)
 
 
-def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int, recipe: dict[str, Any],
-           out_json: str | Path | None, quiet: bool) -> dict[str, Any]:
+def _bench(
+    csv_path: str | Path,
+    folds: int,
+    repeats: int,
+    model: str,
+    seed: int,
+    recipe: dict[str, Any],
+    out_json: str | Path | None,
+    quiet: bool,
+) -> dict[str, Any]:
     start = time.perf_counter()
     bag_list, store = load_instance_csv(csv_path)
     bags = [store.load(b) for b in bag_list]
@@ -149,8 +229,11 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
             per_fold.append({"repeat": r, "fold": k, **{key: v for key, v in res.items() if key != "prob"}})
         repeat_acc.append(correct / len(y))
         if not quiet:
-            print(f"{Path(csv_path).stem} repeat {r + 1}/{repeats}: accuracy {repeat_acc[-1]:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"{Path(csv_path).stem} repeat {r + 1}/{repeats}: accuracy {repeat_acc[-1]:.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     acc_mean, acc_se = mean_se(fold_acc)
     _, rep_se = mean_se(repeat_acc)
     compare = {}
@@ -158,18 +241,33 @@ def _bench(csv_path: str | Path, folds: int, repeats: int, model: str, seed: int
         sel_mean, sel_se = mean_se([f["select_accuracy"] for f in per_fold])
         compare = {"select_accuracy_mean": sel_mean, "select_accuracy_se": sel_se}
     summary = {
-        "dataset": Path(csv_path).stem, "model": model, "protocol": f"{folds}-fold CV x {repeats} repeats",
-        "bags": len(bags), "instances": int(sum(len(b) for b in bags)), "features": int(bags[0].shape[1]),
-        "accuracy_mean": acc_mean, "accuracy_se": acc_se, "accuracy_se_repeats": rep_se, **compare,
-        "repeat_accuracy": repeat_acc, "fold_accuracy": fold_acc,
-        "bag_ids": [b.bag_id for b in bag_list], "bag_labels": y.tolist(), "test_probability": oof.round(4).tolist(),
-        "recipe": recipe, "per_fold": per_fold, "package_version": __version__,
-        "seconds": round(time.perf_counter() - start, 1), "machine": machine_info("cpu"),
+        "dataset": Path(csv_path).stem,
+        "model": model,
+        "protocol": f"{folds}-fold CV x {repeats} repeats",
+        "bags": len(bags),
+        "instances": int(sum(len(b) for b in bags)),
+        "features": int(bags[0].shape[1]),
+        "accuracy_mean": acc_mean,
+        "accuracy_se": acc_se,
+        "accuracy_se_repeats": rep_se,
+        **compare,
+        "repeat_accuracy": repeat_acc,
+        "fold_accuracy": fold_acc,
+        "bag_ids": [b.bag_id for b in bag_list],
+        "bag_labels": y.tolist(),
+        "test_probability": oof.round(4).tolist(),
+        "recipe": recipe,
+        "per_fold": per_fold,
+        "package_version": __version__,
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": machine_info("cpu"),
     }
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(summary, indent=1))
-    short = {k: summary[k] for k in ("dataset", "model", "accuracy_mean", "accuracy_se", "accuracy_se_repeats",
-                                     *compare, "seconds")}
+    short = {
+        k: summary[k]
+        for k in ("dataset", "model", "accuracy_mean", "accuracy_se", "accuracy_se_repeats", *compare, "seconds")
+    }
     print(json.dumps(short if not math.isnan(acc_mean) else summary))
     return summary

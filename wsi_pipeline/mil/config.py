@@ -41,8 +41,11 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("abmil-gated", description="a registered MIL model: abmil, abmil-gated, transmil, mean, max, "
-                       "or one added in wsi_pipeline/mil/models/")
+    model: str = Field(
+        "abmil-gated",
+        description="a registered MIL model: abmil, abmil-gated, transmil, mean, max, "
+        "or one added in wsi_pipeline/mil/models/",
+    )
     model_args: dict[str, Any] = Field(default_factory=dict, description="extra settings for the model's builder")
     hidden_dim: int = Field(128, ge=1)
     attn_dim: int = Field(128, ge=1)

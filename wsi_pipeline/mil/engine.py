@@ -36,8 +36,14 @@ class Problem:
     class_weight: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "loss": self.loss, "n_out": self.n_out, "classes": self.classes,
-                "edges": self.edges, "class_weight": self.class_weight}
+        return {
+            "kind": self.kind,
+            "loss": self.loss,
+            "n_out": self.n_out,
+            "classes": self.classes,
+            "edges": self.edges,
+            "class_weight": self.class_weight,
+        }
 
 
 def set_seed(seed: int) -> None:
@@ -48,8 +54,17 @@ def set_seed(seed: int) -> None:
 
 def model_spec(cfg: TrainConfig, in_dim: int, problem: Problem) -> dict[str, Any]:
     """What a checkpoint stores to rebuild its model: the `mil.train` settings models read, plus `model_args`."""
-    keys = ("model", "hidden_dim", "attn_dim", "dropout", "encoder_layers", "n_layers", "n_heads", "ppeg",
-            "standardize")
+    keys = (
+        "model",
+        "hidden_dim",
+        "attn_dim",
+        "dropout",
+        "encoder_layers",
+        "n_layers",
+        "n_heads",
+        "ppeg",
+        "standardize",
+    )
     return {k: getattr(cfg, k) for k in keys} | cfg.model_args | {"in_dim": in_dim, "n_out": problem.n_out}
 
 
@@ -114,12 +129,16 @@ def _targets(bags: list[Bag], problem: Problem) -> dict[str, torch.Tensor]:
     if problem.kind == "classification":
         return {"label": torch.tensor([b.label for b in bags])}
     times = np.array([b.time for b in bags], dtype=float)
-    return {"time": torch.tensor(times), "event": torch.tensor([b.event for b in bags]),
-            "bin": torch.from_numpy(to_bin(times, np.asarray(problem.edges)))}
+    return {
+        "time": torch.tensor(times),
+        "event": torch.tensor([b.event for b in bags]),
+        "bin": torch.from_numpy(to_bin(times, np.asarray(problem.edges))),
+    }
 
 
-def compute_loss(logits: torch.Tensor, tgt: dict[str, torch.Tensor], problem: Problem,
-                 weight: torch.Tensor | None, alpha: float) -> torch.Tensor:
+def compute_loss(
+    logits: torch.Tensor, tgt: dict[str, torch.Tensor], problem: Problem, weight: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
     if problem.loss == "ce":
         return cross_entropy(logits, tgt["label"], weight)
     if problem.loss == "nll":
@@ -137,8 +156,16 @@ def outputs_to_scores(logits: torch.Tensor, problem: Problem) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_bags(model: torch.nn.Module, store: BagStore, bags: list[Bag], problem: Problem,
-                 device: torch.device, attention: bool = False, amp: bool = True, threads: int = 2) -> dict[str, Any]:
+def predict_bags(
+    model: torch.nn.Module,
+    store: BagStore,
+    bags: list[Bag],
+    problem: Problem,
+    device: torch.device,
+    attention: bool = False,
+    amp: bool = True,
+    threads: int = 2,
+) -> dict[str, Any]:
     """Scores for each bag (one bag per forward pass: no padding, any bag size) and optionally attention."""
     model.eval()
     scores, attn, logits_all = [], [], []
@@ -157,8 +184,9 @@ def predict_bags(model: torch.nn.Module, store: BagStore, bags: list[Bag], probl
     return {"scores": scores, "logits": logits.cpu(), "attention": attn}
 
 
-def evaluate(scores: np.ndarray, logits: torch.Tensor, bags: list[Bag], problem: Problem,
-             alpha: float = 0.0) -> dict[str, float]:
+def evaluate(
+    scores: np.ndarray, logits: torch.Tensor, bags: list[Bag], problem: Problem, alpha: float = 0.0
+) -> dict[str, float]:
     """Validation loss and metric (AUC or C-index; NaN when undefined on this subset)."""
     tgt = _targets(bags, problem)
     loss = float(compute_loss(logits, tgt, problem, None, alpha)) if len(bags) else float("nan")
@@ -170,8 +198,16 @@ def evaluate(scores: np.ndarray, logits: torch.Tensor, bags: list[Bag], problem:
     return {"loss": loss, "metric": metric}
 
 
-def fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag], problem: Problem,
-        cfg: TrainConfig, label: str = "", monitor: str = "metric") -> tuple[torch.nn.Module, dict[str, Any]]:
+def fit(
+    spec: dict[str, Any],
+    store: BagStore,
+    train: list[Bag],
+    val: list[Bag],
+    problem: Problem,
+    cfg: TrainConfig,
+    label: str = "",
+    monitor: str = "metric",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train one model; with a validation set, keep the best epoch (metric, then loss) and stop early.
 
     Without one, train `cfg.epochs` epochs and keep the last. Returns the model (on its device) and a history.
@@ -185,8 +221,16 @@ def fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag],
         torch.set_num_threads(previous_threads)
 
 
-def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag], problem: Problem,
-         cfg: TrainConfig, label: str, monitor: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _fit(
+    spec: dict[str, Any],
+    store: BagStore,
+    train: list[Bag],
+    val: list[Bag],
+    problem: Problem,
+    cfg: TrainConfig,
+    label: str,
+    monitor: str,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = make_model(spec)
@@ -215,8 +259,7 @@ def _fit(spec: dict[str, Any], store: BagStore, train: list[Bag], val: list[Bag]
             total = 0.0
             for s in range(steps_per_epoch):
                 chunk = [train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                arrays = [sample_instances(next(reader), rng, cfg.max_instances, cfg.instance_dropout)
-                          for _ in chunk]
+                arrays = [sample_instances(next(reader), rng, cfg.max_instances, cfg.instance_dropout) for _ in chunk]
                 x, mask = collate(arrays)
                 tgt = {k: v.to(device) for k, v in _targets(chunk, problem).items()}
                 with torch.autocast(device.type, enabled=use_amp):

@@ -40,8 +40,14 @@ def evaluate_task(out_dir: str | Path) -> dict[str, Any]:
     survival = task["type"] == "survival"
     names = SURV_METRICS if survival else CLASS_METRICS
     n_total = len(train["seeds"]) * train["folds"]
-    summary: dict[str, Any] = {"task": task["name"], "type": task["type"], "model": train["model"],
-                               "folds_done": len(metrics), "folds_total": n_total, "metrics": {}}
+    summary: dict[str, Any] = {
+        "task": task["name"],
+        "type": task["type"],
+        "model": train["model"],
+        "folds_done": len(metrics),
+        "folds_total": n_total,
+        "metrics": {},
+    }
     # pooled out-of-fold predictions of the first seed: every patient exactly once
     first = preds[preds["seed"] == preds["seed"].min()]
     n_boot, rng_seed = int(train.get("bootstrap", 1000)), int(train.get("seed", 0))
@@ -80,11 +86,14 @@ def evaluate_task(out_dir: str | Path) -> dict[str, Any]:
             summary["metrics"][name] |= {"pooled": float(fn(y, probs)), "ci_low": lo, "ci_high": hi}
         plot_roc(y, probs, classes, out / "roc.png", title=task["name"])
     summary["figure"] = str(out / ("km.png" if survival else "roc.png"))
-    fold_table = pd.DataFrame([{k: m.get(k) for k in ("index", "seed", "fold", "n_test", "best_epoch", *names)}
-                               for m in metrics])
+    fold_table = pd.DataFrame(
+        [{k: m.get(k) for k in ("index", "seed", "fold", "n_test", "best_epoch", *names)} for m in metrics]
+    )
     fold_table.to_csv(out / "folds.csv", index=False)
-    rows = [{"metric": k, **{c: v.get(c) for c in ("mean", "se", "ci_low", "ci_high", "pooled", "n_folds")}}
-            for k, v in summary["metrics"].items()]
+    rows = [
+        {"metric": k, **{c: v.get(c) for c in ("mean", "se", "ci_low", "ci_high", "pooled", "n_folds")}}
+        for k, v in summary["metrics"].items()
+    ]
     pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
     write_json_atomic(out / "summary.json", summary)
     return json.loads((out / "summary.json").read_text())

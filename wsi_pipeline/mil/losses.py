@@ -28,8 +28,9 @@ def to_bin(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, np.asarray(times, dtype=float), side="right").astype(np.int64)
 
 
-def discrete_nll(logits: torch.Tensor, bins: torch.Tensor, events: torch.Tensor, alpha: float = 0.0,
-                 eps: float = 1e-7) -> torch.Tensor:
+def discrete_nll(
+    logits: torch.Tensor, bins: torch.Tensor, events: torch.Tensor, alpha: float = 0.0, eps: float = 1e-7
+) -> torch.Tensor:
     """Negative log-likelihood of a discrete-time hazard model; logits (B, K) give hazards h_k = sigmoid.
 
     Observed event in bin j: -log h_j - sum_{k<j} log(1 - h_k). Censored in bin j (survived at least through

@@ -116,8 +116,9 @@ def mean_se(values: Any) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-def bootstrap_ci(metric: Any, arrays: tuple[np.ndarray, ...], n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    metric: Any, arrays: tuple[np.ndarray, ...], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric(*arrays)` resampling rows; undefined resamples are skipped."""
     n = len(arrays[0])
     if n == 0 or n_boot == 0:

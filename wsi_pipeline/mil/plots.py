@@ -30,8 +30,9 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: st
     plt.close(fig)
 
 
-def plot_km(times: np.ndarray, events: np.ndarray, high: np.ndarray, path: str | Path, p_value: float,
-            title: str = "") -> None:
+def plot_km(
+    times: np.ndarray, events: np.ndarray, high: np.ndarray, path: str | Path, p_value: float, title: str = ""
+) -> None:
     """Kaplan-Meier curves (lifelines) of the predicted high- and low-risk groups, log-rank p in the legend."""
     from lifelines import KaplanMeierFitter
 
@@ -40,15 +41,26 @@ def plot_km(times: np.ndarray, events: np.ndarray, high: np.ndarray, path: str |
         if mask.any():
             km = KaplanMeierFitter(label=f"{name} (n={int(mask.sum())})").fit(times[mask], events[mask])
             km.plot_survival_function(ax=ax, ci_show=False)
-    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02),
-           title=(title or "Kaplan-Meier") + f"  log-rank p = {p_value:.3g}")
+    ax.set(
+        xlabel="time",
+        ylabel="survival probability",
+        ylim=(0, 1.02),
+        title=(title or "Kaplan-Meier") + f"  log-rank p = {p_value:.3g}",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def attention_heatmap(thumbnail_rgb: np.ndarray, coords: np.ndarray, tile_size_level0: float, scores: np.ndarray,
-                      level0_scale: float, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def attention_heatmap(
+    thumbnail_rgb: np.ndarray,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    scores: np.ndarray,
+    level0_scale: float,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> np.ndarray:
     """Overlay per-tile scores on a slide thumbnail; returns an RGB uint8 image of the thumbnail's size.
 
     `coords` are the tiles' level-0 top-left corners (x, y); `level0_scale` is thumbnail pixels per level-0 pixel

@@ -23,8 +23,15 @@ def _fingerprint(ids: list[str], groups: list[str], strata: list[int]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def make_splits(ids: list[str], groups: list[str], strata: list[int], folds: int, seeds: list[int],
-                val_fraction: float = 0.15, survival: bool = False) -> dict[str, Any]:
+def make_splits(
+    ids: list[str],
+    groups: list[str],
+    strata: list[int],
+    folds: int,
+    seeds: list[int],
+    val_fraction: float = 0.15,
+    survival: bool = False,
+) -> dict[str, Any]:
     """K-fold over groups (patients), stratified by `strata` (class, or event for survival), per seed.
 
     Every entry holds bag ids for train / val / test; a group never straddles two of them.
@@ -35,8 +42,10 @@ def make_splits(ids: list[str], groups: list[str], strata: list[int], folds: int
     if not survival:
         small = {int(v): int(c) for v, c in zip(values, counts, strict=True) if c < folds}
         if small:
-            raise TrainingDataError(f"class(es) {small} (class index: patients) have fewer patients than the "
-                                    f"{folds} folds; lower `folds` or add patients")
+            raise TrainingDataError(
+                f"class(es) {small} (class index: patients) have fewer patients than the "
+                f"{folds} folds; lower `folds` or add patients"
+            )
     if len(per_group) < folds:
         raise TrainingDataError(f"{len(per_group)} patients cannot be split into {folds} folds; lower `folds`")
     n_val = max(2, round(1 / val_fraction))
@@ -47,11 +56,23 @@ def make_splits(ids: list[str], groups: list[str], strata: list[int], folds: int
             outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
             for k, (train, test) in enumerate(outer.split(ids_a, strata_a, groups_a)):
                 fit, val = _validation_split(groups_a[train], strata_a[train], n_val, seed + 1000 * (k + 1))
-                entries.append({"index": len(entries), "seed": int(seed), "fold": k,
-                                "train": ids_a[train[fit]].tolist(), "val": ids_a[train[val]].tolist(),
-                                "test": ids_a[test].tolist()})
-    return {"folds": folds, "seeds": list(map(int, seeds)), "val_fraction": val_fraction,
-            "fingerprint": _fingerprint(list(ids), list(groups), list(map(int, strata))), "splits": entries}
+                entries.append(
+                    {
+                        "index": len(entries),
+                        "seed": int(seed),
+                        "fold": k,
+                        "train": ids_a[train[fit]].tolist(),
+                        "val": ids_a[train[val]].tolist(),
+                        "test": ids_a[test].tolist(),
+                    }
+                )
+    return {
+        "folds": folds,
+        "seeds": list(map(int, seeds)),
+        "val_fraction": val_fraction,
+        "fingerprint": _fingerprint(list(ids), list(groups), list(map(int, strata))),
+        "splits": entries,
+    }
 
 
 def _validation_split(groups: np.ndarray, strata: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +89,16 @@ def _validation_split(groups: np.ndarray, strata: np.ndarray, n_val: int, seed: 
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def load_or_make_splits(path: str | Path, ids: list[str], groups: list[str], strata: list[int], folds: int,
-                        seeds: list[int], val_fraction: float = 0.15, survival: bool = False) -> dict[str, Any]:
+def load_or_make_splits(
+    path: str | Path,
+    ids: list[str],
+    groups: list[str],
+    strata: list[int],
+    folds: int,
+    seeds: list[int],
+    val_fraction: float = 0.15,
+    survival: bool = False,
+) -> dict[str, Any]:
     """Reuse `path` when it was made for the same bags, labels and settings; otherwise create and write it."""
     path = Path(path)
     fingerprint = _fingerprint(list(ids), list(groups), list(map(int, strata)))
@@ -78,11 +107,17 @@ def load_or_make_splits(path: str | Path, ids: list[str], groups: list[str], str
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise TrainingDataError(f"{path}: splits file is not valid JSON; delete it to re-create it") from exc
-        same = (saved.get("fingerprint") == fingerprint and saved.get("folds") == folds
-                and saved.get("seeds") == list(map(int, seeds)) and saved.get("val_fraction") == val_fraction)
+        same = (
+            saved.get("fingerprint") == fingerprint
+            and saved.get("folds") == folds
+            and saved.get("seeds") == list(map(int, seeds))
+            and saved.get("val_fraction") == val_fraction
+        )
         if not same:
-            raise TrainingDataError(f"{path}: existing splits were made for other patients, labels or settings; "
-                                    "delete the file (and the folds trained on it) or use another output folder")
+            raise TrainingDataError(
+                f"{path}: existing splits were made for other patients, labels or settings; "
+                "delete the file (and the folds trained on it) or use another output folder"
+            )
         return saved
     splits = make_splits(ids, groups, strata, folds, seeds, val_fraction, survival)
     path.parent.mkdir(parents=True, exist_ok=True)

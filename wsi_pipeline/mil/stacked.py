@@ -20,8 +20,17 @@ import torch.nn.functional as F
 class StackedMIL(torch.nn.Module):
     """M binary MIL classifiers: `forward(x, seg, n_bags)` -> logits (M, n_bags)."""
 
-    def __init__(self, members: int, in_dim: int, hidden: list[int], attn_dim: int = 64, pool: str = "gated",
-                 dropout: list[float] | None = None, seed: int = 0, embed: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        members: int,
+        in_dim: int,
+        hidden: list[int],
+        attn_dim: int = 64,
+        pool: str = "gated",
+        dropout: list[float] | None = None,
+        seed: int = 0,
+        embed: list[int] | None = None,
+    ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         h, m = max(hidden), members
@@ -65,12 +74,12 @@ class StackedMIL(torch.nn.Module):
             wgt = (1 / count[seg]).expand(m, -1)
         else:  # max
             pooled = torch.full((m, n_bags, h.shape[2]), -torch.inf).scatter_reduce(
-                1, idx[..., None].expand_as(h), h, "amax")
+                1, idx[..., None].expand_as(h), h, "amax"
+            )
             return (pooled * self.c[:, None]).sum(-1) + self.cb
         pooled = torch.zeros(m, n_bags, h.shape[2], dtype=h.dtype).index_add(1, seg, wgt[..., None] * h)
         logits = (pooled * self.c[:, None]).sum(-1) + self.cb
         return (logits, wgt) if return_attention else logits
-
 
     def _dropout(self, h: torch.Tensor) -> torch.Tensor:  # inverted dropout with a rate per member
         if self.training and float(self.drop.max()) > 0:
@@ -82,8 +91,14 @@ class StackedMIL(torch.nn.Module):
 class StackedAdamW:
     """AdamW (decoupled weight decay) over stacked parameters with a learning rate and decay per member."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: torch.Tensor, wd: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: torch.Tensor,
+        wd: torch.Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params, self.lr, self.wd, self.betas, self.eps = params, lr, wd, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
@@ -107,9 +122,18 @@ class StackedAdamW:
             p.grad = None
 
 
-def train_stacked(model: StackedMIL, bags: list[np.ndarray], labels: np.ndarray, train_mask: np.ndarray,
-                  lr: np.ndarray, wd: np.ndarray, epochs: int, batch_size: int, max_instances: int | None,
-                  seed: int) -> np.ndarray:
+def train_stacked(
+    model: StackedMIL,
+    bags: list[np.ndarray],
+    labels: np.ndarray,
+    train_mask: np.ndarray,
+    lr: np.ndarray,
+    wd: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    max_instances: int | None,
+    seed: int,
+) -> np.ndarray:
     """Train every member on its own bags (`train_mask` (M, B)); return eval-mode logits per epoch (E, M, B).
 
     Each step draws a mini-batch of bags from the union of training bags; a member's loss counts only the bags
@@ -119,8 +143,9 @@ def train_stacked(model: StackedMIL, bags: list[np.ndarray], labels: np.ndarray,
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    opt = StackedAdamW(list(model.parameters()), torch.tensor(lr, dtype=torch.float32),
-                       torch.tensor(wd, dtype=torch.float32))
+    opt = StackedAdamW(
+        list(model.parameters()), torch.tensor(lr, dtype=torch.float32), torch.tensor(wd, dtype=torch.float32)
+    )
     y = torch.tensor(labels, dtype=torch.float32)
     tmask = torch.tensor(train_mask, dtype=torch.float32)
     pool = np.flatnonzero(train_mask.any(0))

@@ -42,8 +42,9 @@ def make_problem(task: TaskConfig, cfg: TrainConfig, classes: list[str] | None, 
     return Problem("survival", "nll", len(edges) + 1, edges=edges.tolist())
 
 
-def save_checkpoint(fold_dir: Path, model: torch.nn.Module, spec: dict[str, Any], problem: Problem,
-                    meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    fold_dir: Path, model: torch.nn.Module, spec: dict[str, Any], problem: Problem, meta: dict[str, Any]
+) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(fold_dir / "model.safetensors"))
     write_json_atomic(fold_dir / "model.json", {"spec": spec, "problem": problem.to_dict(), **meta})
@@ -65,8 +66,13 @@ def load_checkpoint(fold_dir: str | Path, device: str = "cpu") -> tuple[torch.nn
 
 
 def _prediction_rows(bags: list[Bag], scores: np.ndarray, problem: Problem, entry: dict[str, Any]) -> pd.DataFrame:
-    df = pd.DataFrame({"bag_id": [b.bag_id for b in bags], "patient_id": [b.patient_id for b in bags],
-                       "slide_ids": [";".join(b.slide_ids) for b in bags]})
+    df = pd.DataFrame(
+        {
+            "bag_id": [b.bag_id for b in bags],
+            "patient_id": [b.patient_id for b in bags],
+            "slide_ids": [";".join(b.slide_ids) for b in bags],
+        }
+    )
     df["index"], df["seed"], df["fold"] = entry["index"], entry["seed"], entry["fold"]
     if problem.kind == "classification":
         assert problem.classes is not None
@@ -102,9 +108,15 @@ def write_attention(att_dir: Path, store: ZarrStore, bag: Bag, scores: np.ndarra
         start += n
 
 
-def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskConfig | dict[str, Any],
-               train_cfg: TrainConfig | dict[str, Any] | None, out_dir: str | Path, fold: int | None = None,
-               attention_dir: str | Path | None = None) -> dict[str, Any]:
+def train_task(
+    sheet_csv: str | Path,
+    features_dir: str | Path,
+    task_cfg: TaskConfig | dict[str, Any],
+    train_cfg: TrainConfig | dict[str, Any] | None,
+    out_dir: str | Path,
+    fold: int | None = None,
+    attention_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Train one task with cross-validation; `fold` picks one split (index into splits.json) or all (None).
 
     Attention of each test bag (first seed's splits) goes to `attention_dir` (default out_dir/attention), e.g.
@@ -122,10 +134,26 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
     store = ZarrStore(features_dir, cfg.cache_bytes)
     store.check(bags)  # every missing store listed at once, before any training
     strata = [b.label if task.type == "classification" else b.event for b in bags]
-    splits = load_or_make_splits(out / "splits.json", [b.bag_id for b in bags], [b.patient_id for b in bags],
-                                 strata, cfg.folds, cfg.seeds, cfg.val_fraction, task.type == "survival")
-    write_json_atomic(out / "config.json", {"task": task.model_dump(), "train": cfg.model_dump(), "classes": classes,
-                                     "sheet": str(sheet_csv), "features_dir": str(features_dir)})
+    splits = load_or_make_splits(
+        out / "splits.json",
+        [b.bag_id for b in bags],
+        [b.patient_id for b in bags],
+        strata,
+        cfg.folds,
+        cfg.seeds,
+        cfg.val_fraction,
+        task.type == "survival",
+    )
+    write_json_atomic(
+        out / "config.json",
+        {
+            "task": task.model_dump(),
+            "train": cfg.model_dump(),
+            "classes": classes,
+            "sheet": str(sheet_csv),
+            "features_dir": str(features_dir),
+        },
+    )
     by_id = {b.bag_id: b for b in bags}
     n_splits = len(splits["splits"])
     if fold is not None and not 0 <= fold < n_splits:
@@ -145,8 +173,9 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
         fold_cfg = cfg.model_copy(update={"seed": cfg.seed + entry["index"]})
         label = f"{task.name} fold {entry['index'] + 1}/{n_splits}"
         model, info = fit(spec, store, train, val, problem, fold_cfg, label=label)
-        pred = predict_bags(model, store, test, problem, device, attention=True, amp=cfg.amp,
-                             threads=cfg.loader_threads)
+        pred = predict_bags(
+            model, store, test, problem, device, attention=True, amp=cfg.amp, threads=cfg.loader_threads
+        )
         table = _prediction_rows(test, pred["scores"], problem, entry)
         table.to_csv(fold_dir / "predictions.csv", index=False)
         meta = {"task": task.name, "index": entry["index"], "seed": entry["seed"], "fold": entry["fold"]}
@@ -155,9 +184,19 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
             att_dir.mkdir(parents=True, exist_ok=True)
             for bag, scores in zip(test, pred["attention"], strict=True):
                 write_attention(att_dir, store, bag, scores, meta | {"model": cfg.model})
-        metrics = fold_metrics(table, problem) | meta | {
-            "n_train": len(train), "n_val": len(val), "n_test": len(test), "best_epoch": info["best_epoch"],
-            "epochs_run": len(info["history"]), "device": info["device"], "history": info["history"]}
+        metrics = (
+            fold_metrics(table, problem)
+            | meta
+            | {
+                "n_train": len(train),
+                "n_val": len(val),
+                "n_test": len(test),
+                "best_epoch": info["best_epoch"],
+                "epochs_run": len(info["history"]),
+                "device": info["device"],
+                "history": info["history"],
+            }
+        )
         write_json_atomic(fold_dir / "metrics.json", metrics)  # written last: marks the fold complete
         results.append(to_jsonable(metrics))
     summary = None
@@ -168,12 +207,16 @@ def train_task(sheet_csv: str | Path, features_dir: str | Path, task_cfg: TaskCo
     return {"task": task.name, "out_dir": str(out), "folds": results, "summary": summary}
 
 
-def predict(model_dir: str | Path, features_dir: str | Path, slide_ids: list[str], out_csv: str | Path,
-            device: str = "auto") -> pd.DataFrame:
+def predict(
+    model_dir: str | Path, features_dir: str | Path, slide_ids: list[str], out_csv: str | Path, device: str = "auto"
+) -> pd.DataFrame:
     """Score slides with a trained fold (folder with model.json) or the mean over all folds of a task folder."""
     model_dir = Path(model_dir)
-    dirs = [model_dir] if (model_dir / "model.json").exists() else sorted(
-        p.parent for p in model_dir.glob("fold*/model.json"))
+    dirs = (
+        [model_dir]
+        if (model_dir / "model.json").exists()
+        else sorted(p.parent for p in model_dir.glob("fold*/model.json"))
+    )
     if not dirs:
         raise ConfigError(f"{model_dir}: no trained model (model.json) here or in fold*/; train the task first")
     store = ZarrStore(features_dir)

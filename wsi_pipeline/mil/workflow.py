@@ -46,5 +46,13 @@ def write_task_splits(sheet_csv: Path, task: TaskConfig, train: TrainConfig, out
     df, _ = load_sheet(sheet_csv, task)
     bags = bags_from_sheet(df, task)
     strata = [b.label if task.type == "classification" else b.event for b in bags]
-    return load_or_make_splits(out / "splits.json", [b.bag_id for b in bags], [b.patient_id for b in bags], strata,
-                               train.folds, train.seeds, train.val_fraction, task.type == "survival")
+    return load_or_make_splits(
+        out / "splits.json",
+        [b.bag_id for b in bags],
+        [b.patient_id for b in bags],
+        strata,
+        train.folds,
+        train.seeds,
+        train.val_fraction,
+        task.type == "survival",
+    )

@@ -35,8 +35,12 @@ def coords_attrs(table: TileTable) -> dict[str, object]:
     }
 
 
-def export_h5(tile_store: str | os.PathLike[str], out_path: str | os.PathLike[str],
-              features: np.ndarray | None = None, extra_attrs: dict[str, object] | None = None) -> Path:
+def export_h5(
+    tile_store: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    features: np.ndarray | None = None,
+    extra_attrs: dict[str, object] | None = None,
+) -> Path:
     """Write `coords` (and `features` when given) with CLAM/TRIDENT attributes to `out_path` (HDF5)."""
     table = read_tile_table(tile_store)
     out_path = Path(out_path)
@@ -69,7 +73,11 @@ def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os
     coords = np.asarray(g["coords"][...])
     if not np.array_equal(read_tile_table(tile_store).coords, coords):
         raise FeatureError(f"{store}: coords differ from the tile table {tile_store}; re-encode the slide")
-    extra = {"encoder": attrs.get("encoder", ""), "dtype": attrs.get("dtype", ""),
-             "weights_sha256": attrs.get("weights_sha256") or "", "revision": attrs.get("revision") or "",
-             "package_version": attrs.get("package_version", "")}
+    extra = {
+        "encoder": attrs.get("encoder", ""),
+        "dtype": attrs.get("dtype", ""),
+        "weights_sha256": attrs.get("weights_sha256") or "",
+        "revision": attrs.get("revision") or "",
+        "package_version": attrs.get("package_version", ""),
+    }
     return export_h5(tile_store, out_path, features=np.asarray(g["features"][...]), extra_attrs=extra)

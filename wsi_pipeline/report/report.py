@@ -17,8 +17,22 @@ from ..io.atomic import write_bytes_atomic
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
 
 REPORT_COLUMNS = [
-    "slide_id", "status", "reason", "backend", "vendor", "mpp", "mpp_source", "width", "height",
-    "tissue_area_mm2", "n_tiles", "seconds", "encode_status", "encode_reason", "encode_tiles_per_s", "thumbnail",
+    "slide_id",
+    "status",
+    "reason",
+    "backend",
+    "vendor",
+    "mpp",
+    "mpp_source",
+    "width",
+    "height",
+    "tissue_area_mm2",
+    "n_tiles",
+    "seconds",
+    "encode_status",
+    "encode_reason",
+    "encode_tiles_per_s",
+    "thumbnail",
     "path",
 ]
 
@@ -49,8 +63,9 @@ def report_row(sidecar: dict[str, Any], encode: dict[str, Any] | None = None) ->
     }
 
 
-def build_report(sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                 encoder: str | None = None) -> pd.DataFrame:
+def build_report(
+    sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str], encoder: str | None = None
+) -> pd.DataFrame:
     """Write `report.csv` and `report.html` into `out_dir` (the results folder) from the tiling sidecars and, with
     `encoder`, the encode sidecars `features/{encoder}/{slide_id}.json`; returns the table."""
     out_dir = Path(out_dir)

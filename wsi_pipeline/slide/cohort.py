@@ -29,18 +29,24 @@ def read_sample_sheet(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and validate a sample sheet; returns it indexed by `slide_id` with absolute `path`s."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise ConfigError(f"{csv_path}: sample sheet not found; set 'samples' in the config to a CSV with columns "
-                          "slide_id,path[,mpp,patient_id,labels...]")
+        raise ConfigError(
+            f"{csv_path}: sample sheet not found; set 'samples' in the config to a CSV with columns "
+            "slide_id,path[,mpp,patient_id,labels...]"
+        )
     try:
         sheet = pd.read_csv(csv_path, dtype={"slide_id": str, "path": str, "patient_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]}); save it as "
-                          "comma-separated UTF-8 with a header row") from err
+        raise ConfigError(
+            f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]}); save it as "
+            "comma-separated UTF-8 with a header row"
+        ) from err
     sheet.columns = [str(c).strip() for c in sheet.columns]
     missing = [c for c in REQUIRED if c not in sheet.columns]
     if missing:
-        raise ConfigError(f"{csv_path}: missing column(s) {', '.join(missing)}; the sample sheet needs "
-                          f"{', '.join(REQUIRED)} (found: {', '.join(sheet.columns)})")
+        raise ConfigError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; the sample sheet needs "
+            f"{', '.join(REQUIRED)} (found: {', '.join(sheet.columns)})"
+        )
     return validate_cohort(sheet, base_dir=csv_path.parent, source=str(csv_path))
 
 
@@ -87,8 +93,12 @@ def validate_cohort(sheet: pd.DataFrame, base_dir: Path, source: str) -> pd.Data
     sheet["patient_id"] = sheet["patient_id"].fillna(sheet["slide_id"]).astype(str)
     missing_files = [sid for sid, p in zip(sheet["slide_id"], sheet["path"], strict=True) if not Path(p).exists()]
     if missing_files:
-        log.warning("%s: %d slide file(s) not found, they will be reported as failed: %s", source,
-                    len(missing_files), ", ".join(missing_files[:10]))
+        log.warning(
+            "%s: %d slide file(s) not found, they will be reported as failed: %s",
+            source,
+            len(missing_files),
+            ", ".join(missing_files[:10]),
+        )
     return sheet.set_index("slide_id", drop=False)
 
 

@@ -74,13 +74,17 @@ def default_slide_id(path: str | os.PathLike[str]) -> str:
 def _resolve_path(path: Path) -> Path:
     """Check existence/size; a DICOM folder resolves to one of its .dcm files (OpenSlide opens the set from it)."""
     if not path.exists():
-        raise SlideError(f"{path}: file not found; check the 'path' column of the sample sheet (paths are relative "
-                         "to the sample sheet's folder)")
+        raise SlideError(
+            f"{path}: file not found; check the 'path' column of the sample sheet (paths are relative "
+            "to the sample sheet's folder)"
+        )
     if path.is_dir():
         dcm = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
         if not dcm:
-            raise SlideError(f"{path}: is a directory but not a DICOM slide (no .dcm files inside); point 'path' at "
-                             "a slide file, or at a folder holding one DICOM WSI series")
+            raise SlideError(
+                f"{path}: is a directory but not a DICOM slide (no .dcm files inside); point 'path' at "
+                "a slide file, or at a folder holding one DICOM WSI series"
+            )
         # A series folder may also hold non-image instances (reports, annotations): open a WSI instance.
         wsi = [p for p in dcm if _is_dicom_wsi(p)]
         return (wsi or dcm)[0]
@@ -123,16 +127,20 @@ class Slide:
         source = "metadata"
         if mpp_override is not None:
             if not (MPP_PLAUSIBLE[0] <= mpp_override <= MPP_PLAUSIBLE[1]):
-                raise SlideError(f"{self.path}: MPP override {mpp_override} is outside {MPP_PLAUSIBLE}; give "
-                                 "microns per pixel (0.25 for 40x, 0.5 for 20x)")
+                raise SlideError(
+                    f"{self.path}: MPP override {mpp_override} is outside {MPP_PLAUSIBLE}; give "
+                    "microns per pixel (0.25 for 40x, 0.5 for 20x)"
+                )
             mpp_x = mpp_y = float(mpp_override)
             source = "override"
         elif mpp_x is None or mpp_y is None:
             mpp_x = mpp_y = None
             source = "missing"
         elif not all(MPP_PLAUSIBLE[0] <= v <= MPP_PLAUSIBLE[1] for v in (mpp_x, mpp_y)):
-            raise SlideError(f"{self.path}: metadata MPP {mpp_x}x{mpp_y} is implausible (a default DPI?); set the "
-                             "'mpp' column for this slide in the sample sheet")
+            raise SlideError(
+                f"{self.path}: metadata MPP {mpp_x}x{mpp_y} is implausible (a default DPI?); set the "
+                "'mpp' column for this slide in the sample sheet"
+            )
         st = self.path.stat()
         size = st.st_size if self.path.is_file() else sum(p.stat().st_size for p in self.path.iterdir())
         return SlideInfo(
@@ -155,8 +163,10 @@ class Slide:
     def require_mpp(self) -> float:
         """The slide's MPP, or a one-line error naming the file and the sample-sheet column to set."""
         if self.info.mpp is None:
-            raise MissingMPPError(f"{self.path}: no microns-per-pixel (MPP) in the slide metadata; set the 'mpp' "
-                                  "column for this slide in the sample sheet (or pass --mpp), e.g. 0.5 for 20x")
+            raise MissingMPPError(
+                f"{self.path}: no microns-per-pixel (MPP) in the slide metadata; set the 'mpp' "
+                "column for this slide in the sample sheet (or pass --mpp), e.g. 0.5 for 20x"
+            )
         return self.info.mpp
 
     @property
@@ -179,11 +189,14 @@ class Slide:
         read or decode failures raise `SlideError`, never a blank tile.
         """
         try:
-            img = self._handle.read_region((int(location[0]), int(location[1])), int(level),
-                                           (int(size[0]), int(size[1])))
+            img = self._handle.read_region(
+                (int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))
+            )
         except Exception as err:  # backend-specific decode errors: one line, the file, the fix
-            raise SlideError(f"{self.path}: cannot read {size[0]}x{size[1]} px at {tuple(location)} level {level} "
-                             f"({_first_line(err)}); the file may be truncated or corrupt, copy it again") from err
+            raise SlideError(
+                f"{self.path}: cannot read {size[0]}x{size[1]} px at {tuple(location)} level {level} "
+                f"({_first_line(err)}); the file may be truncated or corrupt, copy it again"
+            ) from err
         arr = np.asarray(img)
         if arr.ndim == 3 and arr.shape[2] == 4:
             alpha = arr[..., 3]
@@ -293,8 +306,12 @@ def open_slide(path: str | os.PathLike[str], backend: Backend = "auto", mpp: flo
             errors.append(f"{name}: {_first_line(err)}")
             if name == "openslide" and _is_corrupt_not_unsupported(err):
                 # OpenSlide knows the format but the file is damaged: another reader would only read garbage.
-                raise SlideError(f"{path}: damaged slide file ({errors[-1]}); it is probably truncated or "
-                                 "corrupt, copy it again from the source") from err
+                raise SlideError(
+                    f"{path}: damaged slide file ({errors[-1]}); it is probably truncated or "
+                    "corrupt, copy it again from the source"
+                ) from err
             continue
-    raise SlideError(f"{path}: not a readable slide ({'; '.join(errors)}); check the file is a whole-slide image "
-                     "that is complete (not truncated), or convert it to a pyramidal TIFF")
+    raise SlideError(
+        f"{path}: not a readable slide ({'; '.join(errors)}); check the file is a whole-slide image "
+        "that is complete (not truncated), or convert it to a pyramidal TIFF"
+    )

@@ -11,7 +11,12 @@ from .writers import write_synthetic_slide
 
 
 def write_demo_cohort(
-    out_dir: str | Path, n_slides: int = 12, seed: int = 0, *, width: int = 4096, height: int = 3072,
+    out_dir: str | Path,
+    n_slides: int = 12,
+    seed: int = 0,
+    *,
+    width: int = 4096,
+    height: int = 3072,
     mpp: float = 0.5,
 ):
     """Small SVS slides in two visibly different classes with survival data; returns the sample sheet.
@@ -34,11 +39,25 @@ def write_demo_cohort(
         for _ in range(n):
             sid = f"demo_{len(rows):03d}"
             spec = write_synthetic_slide(
-                out / f"{sid}.svs", width=width, height=height, mpp=mpp, seed=mix(seed, len(rows)) % 2**31,
-                stain="he_dark" if label else "he", nuclei_density=2.0 if label else 0.6, jpeg_quality=60,
+                out / f"{sid}.svs",
+                width=width,
+                height=height,
+                mpp=mpp,
+                seed=mix(seed, len(rows)) % 2**31,
+                stain="he_dark" if label else "he",
+                nuclei_density=2.0 if label else 0.6,
+                jpeg_quality=60,
             )
-            rows.append({"slide_id": sid, "path": str(spec.path.resolve()), "patient_id": f"P{patient:03d}",
-                         "label": label, "time": time, "event": event})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "path": str(spec.path.resolve()),
+                    "patient_id": f"P{patient:03d}",
+                    "label": label,
+                    "time": time,
+                    "event": event,
+                }
+            )
         patient += 1
     sheet = pd.DataFrame(rows, columns=["slide_id", "path", "patient_id", "label", "time", "event"])
     sheet.to_csv(out / "samples.csv", index=False)

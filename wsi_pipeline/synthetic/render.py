@@ -32,8 +32,13 @@ STAINS = {
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: tuple[float, float]) -> np.ndarray:
     """Unit-variance Gaussian-blurred noise (sigma_x, sigma_y in px); wide blurs run on a coarser grid."""
     f = max(1, int(min(sigma) // 2))
-    n = cv2.GaussianBlur(rng.standard_normal((size // f, size // f), np.float32), (0, 0), sigma[0] / f,
-                         sigmaY=sigma[1] / f, borderType=cv2.BORDER_REFLECT)
+    n = cv2.GaussianBlur(
+        rng.standard_normal((size // f, size // f), np.float32),
+        (0, 0),
+        sigma[0] / f,
+        sigmaY=sigma[1] / f,
+        borderType=cv2.BORDER_REFLECT,
+    )
     if f > 1:
         n = cv2.resize(n, (size, size), interpolation=cv2.INTER_LINEAR)
     return n / max(float(n.std()), 1e-6)
@@ -52,8 +57,13 @@ def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: in
         k = n // 3  # a third of the nuclei cluster, as in glands / infiltrates
         hubs = rng.uniform(0, s, (max(1, k // 25), 2))
         centres[:k] = hubs[rng.integers(0, len(hubs), k)] + rng.normal(0, 12 / um_per_px, (k, 2))
-        params = (centres.tolist(), (rng.uniform(2.5, 4.5, n) / um_per_px).tolist(),
-                  rng.uniform(0.55, 1, n).tolist(), rng.uniform(0, 180, n).tolist(), rng.uniform(0.75, 1, n).tolist())
+        params = (
+            centres.tolist(),
+            (rng.uniform(2.5, 4.5, n) / um_per_px).tolist(),
+            rng.uniform(0.55, 1, n).tolist(),
+            rng.uniform(0, 180, n).tolist(),
+            rng.uniform(0.75, 1, n).tolist(),
+        )
         for (cx, cy), r, asp, ang, a in zip(*params, strict=True):
             axes = (max(1, int(r * 16)), max(1, int(r * asp * 16)))
             cv2.ellipse(alpha, (int(cx * 16), int(cy * 16)), axes, ang, 0, 360, a, -1, cv2.LINE_AA, 4)
@@ -89,7 +99,7 @@ class Painter:
     def _crop(self, img: np.ndarray, key: int, tw: int, th: int) -> np.ndarray:
         """A crop of the atlas at a hashed offset and one of 8 flips/rotations (square tiles only)."""
         ox, oy = key % (img.shape[1] - tw + 1), (key >> 20) % (img.shape[0] - th + 1)
-        c = img[oy:oy + th, ox:ox + tw]
+        c = img[oy : oy + th, ox : ox + tw]
         if tw == th:
             c = np.rot90(c, (key >> 40) % 4)
             c = c[:, ::-1] if (key >> 44) & 1 else c
@@ -107,8 +117,15 @@ class Painter:
             b = pen.box
             if b.intersects(xs[0] - 2 * ds, ys[0] - 2 * ds, xs[-1] + 2 * ds, ys[-1] + 2 * ds):
                 pts = np.array(pen.points) / ds - 0.5 - (px0, py0)
-                cv2.polylines(out, [np.round(pts * 16).astype(np.int32)], False, PEN_RGB[pen.color],
-                              max(1, round(pen.thickness / ds)), cv2.LINE_AA, 4)
+                cv2.polylines(
+                    out,
+                    [np.round(pts * 16).astype(np.int32)],
+                    False,
+                    PEN_RGB[pen.color],
+                    max(1, round(pen.thickness / ds)),
+                    cv2.LINE_AA,
+                    4,
+                )
         if s.border_width:
             bw = s.border_width
             out[(ys < bw) | (ys >= s.height - bw)] = 0
@@ -163,5 +180,5 @@ class Painter:
         for y in range(0, s.height, t):
             for x in range(0, s.width, t):
                 tile = self.block(1.0, x, y, t, t, mix(s.seed, 0, x, y))
-                out[y:y + t, x:x + t] = tile[: s.height - y, : s.width - x]
+                out[y : y + t, x : x + t] = tile[: s.height - y, : s.width - x]
         return out

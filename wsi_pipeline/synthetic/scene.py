@@ -90,8 +90,10 @@ class SyntheticSpec:
         A level's downsample as a reader reports it (e.g. OpenSlide's 63.99 for a ceil-sized level 64) snaps
         to the nominal one, so the mask has exactly that level's shape."""
         for d, dims in zip(self.level_downsamples, self.level_dimensions, strict=True):
-            if abs(downsample / d - 1) < 0.01 and dims == (round(self.width / downsample),
-                                                           round(self.height / downsample)):
+            if abs(downsample / d - 1) < 0.01 and dims == (
+                round(self.width / downsample),
+                round(self.height / downsample),
+            ):
                 downsample = d
         h, w = math.ceil(self.height / downsample), math.ceil(self.width / downsample)
         xs, ys = (np.arange(w) + 0.5) * downsample, (np.arange(h) + 0.5) * downsample
@@ -145,16 +147,22 @@ def place_pens(
     bw, bh = 0.16 * width, 0.09 * height
     thick = max(4.0, 0.012 * min(width, height))
     gap = 0.02 * min(width, height)
-    cands = [(0.06 * width + i * (0.88 * width - bw) / 7, 0.06 * height + j * (0.88 * height - bh) / 7)
-             for i in range(8) for j in range(8)]
+    cands = [
+        (0.06 * width + i * (0.88 * width - bw) / 7, 0.06 * height + j * (0.88 * height - bh) / 7)
+        for i in range(8)
+        for j in range(8)
+    ]
     cands = [cands[k] for k in rng.permutation(len(cands))]
     taken: list[Region] = list(regions)
     marks = []
     for color in colors:
         if color not in PEN_RGB:
             raise ValueError(f"unknown pen colour {color!r}; use one of {sorted(PEN_RGB)}")
-        free = [(x, y) for x, y in cands
-                if not any(r.intersects(x - gap, y - gap, x + bw + gap, y + bh + gap) for r in taken)]
+        free = [
+            (x, y)
+            for x, y in cands
+            if not any(r.intersects(x - gap, y - gap, x + bw + gap, y + bh + gap) for r in taken)
+        ]
         if not free:
             raise ValueError(f"no room for a {color} pen mark outside the tissue regions; use a larger slide")
         x, y = free[0]
@@ -162,8 +170,13 @@ def place_pens(
         px = x + thick + t * (bw - 2 * thick)
         py = y + bh / 2 + (bh / 2 - thick) * np.sin(2 * np.pi * (1.5 * t + rng.uniform()))
         pts = tuple((float(a), float(b)) for a, b in zip(px, py, strict=True))
-        box = Region("rectangle", float(px.min() - thick), float(py.min() - thick),
-                     float(px.max() + thick), float(py.max() + thick))
+        box = Region(
+            "rectangle",
+            float(px.min() - thick),
+            float(py.min() - thick),
+            float(px.max() + thick),
+            float(py.max() + thick),
+        )
         taken.append(box)
         marks.append(PenMark(color, pts, thick, box))
     return tuple(marks)

@@ -37,8 +37,7 @@ def _encoder(compression: str, quality: int, rgb_jpeg: bool) -> tuple[Callable[[
         out, sub = ("RGB", (1, 1)) if rgb_jpeg else ("YCBCR", (2, 2))
 
         def enc(a: np.ndarray) -> bytes:
-            return imagecodecs.jpeg_encode(a, level=quality, colorspace="RGB", outcolorspace=out,
-                                           subsampling=sub)
+            return imagecodecs.jpeg_encode(a, level=quality, colorspace="RGB", outcolorspace=out, subsampling=sub)
 
         return enc, {"compression": "jpeg", "subsampling": sub, "compressionargs": {"outcolorspace": out}}
     if compression in ("zlib", "deflate"):
@@ -57,7 +56,7 @@ def _label_image(seed: int, text: str) -> np.ndarray:
     x = 40
     while x < 360:
         w = int(rng.integers(2, 7))
-        img[40:200, x:x + w] = 10
+        img[40:200, x : x + w] = 10
         x += w + int(rng.integers(2, 6))
     cv2.putText(img, "SYNTHETIC", (40, 260), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (10, 10, 10), 3, cv2.LINE_AA)
     cv2.putText(img, text[:16], (40, 330), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (10, 10, 10), 2, cv2.LINE_AA)
@@ -72,7 +71,7 @@ def _macro_image(label: np.ndarray, thumb: np.ndarray) -> np.ndarray:
     f = min(400 / h, 820 / w)
     th = cv2.resize(thumb, (max(1, int(w * f)), max(1, int(h * f))), interpolation=cv2.INTER_AREA)
     y, x = (432 - th.shape[0]) // 2, 440 + (820 - th.shape[1]) // 2
-    img[y:y + th.shape[0], x:x + th.shape[1]] = th
+    img[y : y + th.shape[0], x : x + th.shape[1]] = th
     return img
 
 
@@ -81,25 +80,38 @@ def _write_svs(spec: SyntheticSpec, painter: Painter, tags: dict, big: bool) -> 
     mpp = spec.mpp
     mag = 40 if mpp is None or mpp <= 0.3 else 20 if mpp <= 0.6 else 10
     head = f"{APERIO_HEAD}\r\n{w}x{h} [0,0 {w}x{h}] ({t}x{t})"
-    meta = (f"|AppMag = {mag}|StripeWidth = 2040|ScanScope ID = SYNTH|Filename = {spec.path.stem}"
-            "|Date = 01/01/25|Time = 00:00:00" + (f"|MPP = {mpp:.4f}" if mpp else "")
-            + f"|SyntheticSeed = {spec.seed}")
+    meta = (
+        f"|AppMag = {mag}|StripeWidth = 2040|ScanScope ID = SYNTH|Filename = {spec.path.stem}"
+        "|Date = 01/01/25|Time = 00:00:00" + (f"|MPP = {mpp:.4f}" if mpp else "") + f"|SyntheticSeed = {spec.seed}"
+    )
     jpeg = {"photometric": "rgb", "metadata": None, **tags}
     label = _label_image(spec.seed, spec.path.stem)
     with tifffile.TiffWriter(spec.path, bigtiff=big) as tw:
         for i, (lw, lh) in enumerate(spec.level_dimensions):
             desc = f"{head} JPEG/RGB Q={q}{meta}" if i == 0 else f"{head} -> {lw}x{lh} JPEG/RGB Q={q}"
-            tw.write(painter.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, tile=(t, t), description=desc,
-                     **jpeg)
+            tw.write(painter.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, tile=(t, t), description=desc, **jpeg)
             if i == 0:  # Aperio puts the stripped thumbnail right after level 0
                 thumb = painter.thumbnail(min(768, max(w, h) // 4))
                 size = f"{thumb.shape[1]}x{thumb.shape[0]}"
                 tw.write(thumb, rowsperstrip=16, description=f"{APERIO_HEAD}\n{w}x{h} -> {size} - {meta}", **jpeg)
-        tw.write(label, photometric="rgb", compression="lzw", predictor=True, rowsperstrip=16, subfiletype=1,
-                 description=f"{APERIO_HEAD}\nlabel {label.shape[1]}x{label.shape[0]}", metadata=None)
+        tw.write(
+            label,
+            photometric="rgb",
+            compression="lzw",
+            predictor=True,
+            rowsperstrip=16,
+            subfiletype=1,
+            description=f"{APERIO_HEAD}\nlabel {label.shape[1]}x{label.shape[0]}",
+            metadata=None,
+        )
         macro = _macro_image(label, thumb)
-        tw.write(macro, rowsperstrip=16, subfiletype=9,
-                 description=f"{APERIO_HEAD}\nmacro {macro.shape[1]}x{macro.shape[0]}", **jpeg)
+        tw.write(
+            macro,
+            rowsperstrip=16,
+            subfiletype=9,
+            description=f"{APERIO_HEAD}\nmacro {macro.shape[1]}x{macro.shape[0]}",
+            **jpeg,
+        )
 
 
 def _resolution(mpp: float | None, ds: float) -> dict:
@@ -117,14 +129,18 @@ def _write_pyramid(spec: SyntheticSpec, painter: Painter, tags: dict, big: bool,
             if ome and i == 0:
                 md: dict = {"axes": "YXS", "Name": spec.path.stem}
                 if spec.mpp:
-                    md.update(PhysicalSizeX=spec.mpp, PhysicalSizeXUnit="µm",
-                              PhysicalSizeY=spec.mpp, PhysicalSizeYUnit="µm")
+                    md.update(
+                        PhysicalSizeX=spec.mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=spec.mpp, PhysicalSizeYUnit="µm"
+                    )
                 extra: dict = {"subifds": n - 1, "metadata": md}
             elif ome:
                 extra = {"subfiletype": 1, "metadata": None}
             else:
-                extra = {"subfiletype": int(i > 0), "metadata": None,
-                         "description": f"wsi_pipeline synthetic slide seed={spec.seed}" if i == 0 else None}
+                extra = {
+                    "subfiletype": int(i > 0),
+                    "metadata": None,
+                    "description": f"wsi_pipeline synthetic slide seed={spec.seed}" if i == 0 else None,
+                }
             tw.write(painter.tiles(i), shape=(lh, lw, 3), **kw, **extra, **_resolution(spec.mpp, ds))
 
 
@@ -168,11 +184,21 @@ def write_synthetic_slide(
     if ds[0] != 1.0 or any(b <= a for a, b in zip(ds, ds[1:], strict=False)):
         raise ValueError(f"level_downsamples={ds} must start at 1 and increase")
     spec = SyntheticSpec(
-        path=path, width=width, height=height, mpp=mpp, fmt=fmt, regions=regs, tile_size=tile_size,
+        path=path,
+        width=width,
+        height=height,
+        mpp=mpp,
+        fmt=fmt,
+        regions=regs,
+        tile_size=tile_size,
         level_downsamples=ds,
-        seed=seed, stain=stain, nuclei_density=nuclei_density, pen_marks=pens,
+        seed=seed,
+        stain=stain,
+        nuclei_density=nuclei_density,
+        pen_marks=pens,
         border_width=max(1, round(0.015 * min(width, height))) if black_border else 0,
-        compression=compression, jpeg_quality=jpeg_quality,
+        compression=compression,
+        jpeg_quality=jpeg_quality,
         associated=("label", "macro", "thumbnail") if fmt == "svs" else (),
     )
     encode, tags = _encoder(compression, jpeg_quality, rgb_jpeg=fmt == "svs")
@@ -186,7 +212,14 @@ def write_synthetic_slide(
         tags = {k: v for k, v in tags.items() if k != "compressionargs"}
         if compression == "jpeg":
             tags["compressionargs"] = {"level": jpeg_quality}
-        tifffile.imwrite(path, painter.full(), photometric="rgb", rowsperstrip=64, metadata=None,
-                         description=f"wsi_pipeline synthetic flat slide seed={seed}", **tags,
-                         **_resolution(mpp, 1.0))
+        tifffile.imwrite(
+            path,
+            painter.full(),
+            photometric="rgb",
+            rowsperstrip=64,
+            metadata=None,
+            description=f"wsi_pipeline synthetic flat slide seed={seed}",
+            **tags,
+            **_resolution(mpp, 1.0),
+        )
     return spec

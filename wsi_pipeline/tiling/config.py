@@ -26,7 +26,8 @@ class TissueParams(BaseModel):
 
     mask_mpp: float = Field(8.0, gt=0, description="µm/px the caller reads the slide at for the mask")
     saturation_threshold: float | Literal["otsu"] = Field(
-        "otsu", description="saturation (0-255) above which a pixel is tissue, or 'otsu': per slide")
+        "otsu", description="saturation (0-255) above which a pixel is tissue, or 'otsu': per slide"
+    )
     min_saturation: int = Field(15, ge=0, le=255, description="floor on Otsu: a blank slide gives nothing")
     blur_um: float = Field(16.0, ge=0, description="median blur diameter applied to the saturation channel")
     close_um: float = Field(32.0, ge=0, description="morphological closing diameter (joins nearby tissue)")

@@ -22,7 +22,6 @@ from .config import TilingParams
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TileGeometry:
     """How tiles of one slide are read: everything needed to reproduce a tile from its level-0 coordinates."""
@@ -51,8 +50,12 @@ def plan_geometry(slide: Slide, params: TilingParams) -> TileGeometry:
     read_size = max(1, round(tile_size_level0 / level_ds))
     upsampled = downsample < 1 - 1e-3
     if upsampled:
-        log.warning("%s: slide MPP %.3f is coarser than target %.3f; tiles will be enlarged", slide.path,
-                    slide_mpp, params.target_mpp)
+        log.warning(
+            "%s: slide MPP %.3f is coarser than target %.3f; tiles will be enlarged",
+            slide.path,
+            slide_mpp,
+            params.target_mpp,
+        )
     return TileGeometry(
         tile_px=params.tile_px,
         target_mpp=params.target_mpp,
@@ -99,13 +102,19 @@ def geometry_from_attrs(attrs: dict[str, Any]) -> TileGeometry:
     """The `TileGeometry` stage 1 planned, rebuilt from its tile store's attributes."""
     try:
         return TileGeometry(
-            tile_px=int(attrs["tile_px"]), target_mpp=float(attrs["target_mpp"]), slide_mpp=float(attrs["slide_mpp"]),
-            overlap=float(attrs.get("overlap", 0.0)), read_level=int(attrs["read_level"]),
-            level_downsample=float(attrs["level_downsample"]), read_size=int(attrs["read_size"]),
+            tile_px=int(attrs["tile_px"]),
+            target_mpp=float(attrs["target_mpp"]),
+            slide_mpp=float(attrs["slide_mpp"]),
+            overlap=float(attrs.get("overlap", 0.0)),
+            read_level=int(attrs["read_level"]),
+            level_downsample=float(attrs["level_downsample"]),
+            read_size=int(attrs["read_size"]),
             tile_size_level0=float(attrs["tile_size_level0"]),
             stride_level0=float(attrs.get("stride_level0", attrs["tile_size_level0"])),
             upsampled=bool(attrs.get("upsampled", False)),
         )
     except KeyError as err:
-        raise PipelineError(f"tile store of {attrs.get('slide_id', '?')}: attribute {err} missing; rerun "
-                            "`wsi-pipeline tile` for this slide (the store predates this version)") from None
+        raise PipelineError(
+            f"tile store of {attrs.get('slide_id', '?')}: attribute {err} missing; rerun "
+            "`wsi-pipeline tile` for this slide (the store predates this version)"
+        ) from None

@@ -29,17 +29,30 @@ from .tissue import TissueMask, compute_tissue_mask, write_geojson, write_mask_p
 log = logging.getLogger(__name__)
 
 
-def tile_slide(path: str | os.PathLike[str], results: str | os.PathLike[str], *, slide_id: str | None = None,
-               mpp: float | None = None, backend: str = "auto", tiling: TilingParams | None = None,
-               tissue: TissueParams | None = None) -> TileSidecar:
+def tile_slide(
+    path: str | os.PathLike[str],
+    results: str | os.PathLike[str],
+    *,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    backend: str = "auto",
+    tiling: TilingParams | None = None,
+    tissue: TissueParams | None = None,
+) -> TileSidecar:
     """Tile one slide into `results`; never raises for a bad slide: the returned sidecar says what happened."""
     tiling = tiling or TilingParams()
     tissue = tissue or TissueParams()
     slide_id = slide_id or default_slide_id(path)
     layout = ResultsLayout(results)
     started = time.perf_counter()
-    sidecar = TileSidecar(slide_id=slide_id, path=str(path), package_version=__version__,
-                          tiling=tiling.model_dump(), tissue_params=tissue.model_dump(), mpp_override=mpp)
+    sidecar = TileSidecar(
+        slide_id=slide_id,
+        path=str(path),
+        package_version=__version__,
+        tiling=tiling.model_dump(),
+        tissue_params=tissue.model_dump(),
+        mpp_override=mpp,
+    )
     try:
         with open_slide(path, backend=backend, mpp=mpp) as slide:  # type: ignore[arg-type]
             sidecar.slide = slide.info.to_dict()
@@ -53,8 +66,9 @@ def tile_slide(path: str | os.PathLike[str], results: str | os.PathLike[str], *,
     return sidecar
 
 
-def _tile_open_slide(slide: Slide, layout: ResultsLayout, slide_id: str, tiling: TilingParams,
-                     tissue: TissueParams) -> dict[str, Any]:
+def _tile_open_slide(
+    slide: Slide, layout: ResultsLayout, slide_id: str, tiling: TilingParams, tissue: TissueParams
+) -> dict[str, Any]:
     geometry = plan_geometry(slide, tiling)
     width, height = slide.info.dimensions
     qc_mpp = qc_mpp_for(width, height, geometry.slide_mpp)
@@ -91,8 +105,12 @@ def _tile_open_slide(slide: Slide, layout: ResultsLayout, slide_id: str, tiling:
         "tissue_area_mm2": float(mask.area_mm2),
         "geometry": geometry.to_dict(),
         "store": layout.rel(store),
-        "qc": {"thumbnail": layout.rel(thumb_png), "thumbnail_plain": layout.rel(plain_png),
-               "mask": layout.rel(mask_png), "geojson": layout.rel(geojson_path)},
+        "qc": {
+            "thumbnail": layout.rel(thumb_png),
+            "thumbnail_plain": layout.rel(plain_png),
+            "mask": layout.rel(mask_png),
+            "geojson": layout.rel(geojson_path),
+        },
     }
 
 
@@ -123,8 +141,15 @@ def _rings(poly: Any) -> list[np.ndarray]:
     return [outer, *holes] if outer is not None else [np.asarray(poly)]
 
 
-def _store_attrs(slide: Slide, geometry: TileGeometry, slide_id: str, mask: TissueMask, tissue: TissueParams,
-                 tiling: TilingParams, status: str) -> dict[str, Any]:
+def _store_attrs(
+    slide: Slide,
+    geometry: TileGeometry,
+    slide_id: str,
+    mask: TissueMask,
+    tissue: TissueParams,
+    tiling: TilingParams,
+    status: str,
+) -> dict[str, Any]:
     info = slide.info
     return {
         "slide_id": slide_id,

@@ -27,8 +27,9 @@ class TileTable:
         return int(self.coords.shape[0])
 
 
-def write_tile_table(path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray,
-                     attrs: dict[str, Any]) -> None:
+def write_tile_table(
+    path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray, attrs: dict[str, Any]
+) -> None:
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     fractions = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
     if len(coords) != len(fractions):
@@ -42,8 +43,9 @@ def write_tile_table(path: str | os.PathLike[str], coords: np.ndarray, tissue_fr
 
 def read_tile_table(path: str | os.PathLike[str]) -> TileTable:
     g = zarr.open_group(str(path), mode="r")
-    return TileTable(coords=np.asarray(g["coords"][...]), tissue_fraction=np.asarray(g["tissue_fraction"][...]),
-                     attrs=dict(g.attrs))
+    return TileTable(
+        coords=np.asarray(g["coords"][...]), tissue_fraction=np.asarray(g["tissue_fraction"][...]), attrs=dict(g.attrs)
+    )
 
 
 def read_tile_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -55,5 +57,16 @@ def read_tile_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def tiles_signature(tile_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies a tile table: a feature store made from another one is stale."""
-    return {k: tile_attrs.get(k) for k in ("created", "n_tiles", "slide_path", "tile_px", "target_mpp",
-                                           "read_level", "read_size", "tile_size_level0")}
+    return {
+        k: tile_attrs.get(k)
+        for k in (
+            "created",
+            "n_tiles",
+            "slide_path",
+            "tile_px",
+            "target_mpp",
+            "read_level",
+            "read_size",
+            "tile_size_level0",
+        )
+    }

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 TISSUE_COLOR_RGB = (0, 170, 0)
 
 
-
 @dataclass
 class TissuePolygon:
     """One tissue piece: the outer ring and its hole rings, (K, 2) float x, y in mask pixel-edge coordinates.
@@ -82,16 +81,18 @@ class TissueMask:
         features = []
         for i, poly in enumerate(self.contours):
             rings = [_closed(poly.outer * level0_scale)] + [_closed(h * level0_scale) for h in poly.holes]
-            features.append({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{slide_id} tissue {i + 1}",
-                    "classification": {"name": "Tissue", "color": list(TISSUE_COLOR_RGB)},
-                    "isLocked": False,
-                },
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": rings},
+                    "properties": {
+                        "objectType": "annotation",
+                        "name": f"{slide_id} tissue {i + 1}",
+                        "classification": {"name": "Tissue", "color": list(TISSUE_COLOR_RGB)},
+                        "isLocked": False,
+                    },
+                }
+            )
         return {"type": "FeatureCollection", "features": features}
 
 
@@ -106,8 +107,12 @@ def _cum(s: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     i = np.minimum(np.floor(x).astype(np.int64), ww - 1)
     j = np.minimum(np.floor(y).astype(np.int64), hh - 1)
     fx, fy = x - i, y - j
-    return ((1 - fx) * (1 - fy) * s[j, i] + fx * (1 - fy) * s[j, i + 1]
-            + (1 - fx) * fy * s[j + 1, i] + fx * fy * s[j + 1, i + 1])
+    return (
+        (1 - fx) * (1 - fy) * s[j, i]
+        + fx * (1 - fy) * s[j, i + 1]
+        + (1 - fx) * fy * s[j + 1, i]
+        + fx * fy * s[j + 1, i + 1]
+    )
 
 
 def _closed(ring: np.ndarray) -> list[list[float]]:
@@ -249,8 +254,16 @@ def _drop_small(tissue: np.ndarray, min_area_px: float) -> np.ndarray:
 _CORNER = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=np.float64)
 _ENTER = np.full(9, -1)  # corner of the pixel stepped into where the boundary walk arrives
 _LEAVE = np.full(9, -1)  # corner of the pixel stepped out of where the walk leaves
-for (_dx, _dy), _s, _e in [((1, 0), 0, 1), ((0, 1), 1, 2), ((-1, 0), 2, 3), ((0, -1), 3, 0),
-                           ((1, -1), 3, 1), ((1, 1), 0, 2), ((-1, 1), 1, 3), ((-1, -1), 2, 0)]:
+for (_dx, _dy), _s, _e in [
+    ((1, 0), 0, 1),
+    ((0, 1), 1, 2),
+    ((-1, 0), 2, 3),
+    ((0, -1), 3, 0),
+    ((1, -1), 3, 1),
+    ((1, 1), 0, 2),
+    ((-1, 1), 1, 3),
+    ((-1, -1), 2, 0),
+]:
     _ENTER[(_dx + 1) * 3 + _dy + 1], _LEAVE[(_dx + 1) * 3 + _dy + 1] = _s, _e
 
 
@@ -351,8 +364,7 @@ def render_overlay(rgb: np.ndarray, mask: TissueMask) -> np.ndarray:
         raise ValueError(f"image {img.shape[:2]} and mask {mask.mask.shape} differ in size")
     glass = ~mask.mask
     img[glass] = (0.4 * img[glass] + 0.6 * 128).astype(np.uint8)
-    rings = [np.round(r).astype(np.int32).reshape(-1, 1, 2)
-             for p in mask.contours for r in [p.outer, *p.holes]]
+    rings = [np.round(r).astype(np.int32).reshape(-1, 1, 2) for p in mask.contours for r in [p.outer, *p.holes]]
     if rings:
         cv2.polylines(img, rings, isClosed=True, color=TISSUE_COLOR_RGB, thickness=1)
     return img

@@ -58,6 +58,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if spec["model"] not in _REGISTRY:
         _import_all()
     if spec["model"] not in _REGISTRY:
-        raise ConfigError(f"unknown MIL model {spec['model']!r} (mil.train.model); available: "
-                          f"{', '.join(model_names())}")
+        raise ConfigError(
+            f"unknown MIL model {spec['model']!r} (mil.train.model); available: {', '.join(model_names())}"
+        )
     return _REGISTRY[spec["model"]](spec)

@@ -14,8 +14,16 @@ from .layers import NEG, as_batch, instance_encoder
 class ABMIL(nn.Module):
     """Attention-based deep MIL pooling (Ilse et al. 2018): a = softmax(w^T (tanh(V h) [* sigm(U h)]))."""
 
-    def __init__(self, in_dim: int, n_out: int, hidden_dim: int = 128, attn_dim: int = 128,
-                 dropout: float = 0.25, gated: bool = True, encoder_layers: int = 1) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 128,
+        attn_dim: int = 128,
+        dropout: float = 0.25,
+        gated: bool = True,
+        encoder_layers: int = 1,
+    ) -> None:
         super().__init__()
         self.encoder = instance_encoder(in_dim, hidden_dim, encoder_layers, dropout)
         self.attn_v = nn.Linear(hidden_dim, attn_dim)
@@ -38,6 +46,12 @@ class ABMIL(nn.Module):
 
 @register_model("abmil", "abmil-gated")
 def build_abmil(spec: dict[str, Any]) -> nn.Module:
-    return ABMIL(int(spec["in_dim"]), int(spec["n_out"]), int(spec.get("hidden_dim", 128)),
-                 int(spec.get("attn_dim", 128)), float(spec.get("dropout", 0.25)), gated=spec["model"] == "abmil-gated",
-                 encoder_layers=int(spec.get("encoder_layers", 1)))
+    return ABMIL(
+        int(spec["in_dim"]),
+        int(spec["n_out"]),
+        int(spec.get("hidden_dim", 128)),
+        int(spec.get("attn_dim", 128)),
+        float(spec.get("dropout", 0.25)),
+        gated=spec["model"] == "abmil-gated",
+        encoder_layers=int(spec.get("encoder_layers", 1)),
+    )

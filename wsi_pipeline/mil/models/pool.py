@@ -14,8 +14,15 @@ from .layers import NEG, as_batch, instance_encoder
 class PoolMIL(nn.Module):
     """Mean- or max-pooling baseline; its 'attention' is the share each instance has in the pooled vector."""
 
-    def __init__(self, in_dim: int, n_out: int, hidden_dim: int = 128, dropout: float = 0.25,
-                 mode: str = "mean", encoder_layers: int = 1) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 128,
+        dropout: float = 0.25,
+        mode: str = "mean",
+        encoder_layers: int = 1,
+    ) -> None:
         super().__init__()
         self.mode = mode
         self.encoder = instance_encoder(in_dim, hidden_dim, encoder_layers, dropout)
@@ -45,6 +52,11 @@ def _argmax_share(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 @register_model("mean", "max")
 def build_pool(spec: dict[str, Any]) -> nn.Module:
-    return PoolMIL(int(spec["in_dim"]), int(spec["n_out"]), int(spec.get("hidden_dim", 128)),
-                   float(spec.get("dropout", 0.25)), mode=spec["model"],
-                   encoder_layers=int(spec.get("encoder_layers", 1)))
+    return PoolMIL(
+        int(spec["in_dim"]),
+        int(spec["n_out"]),
+        int(spec.get("hidden_dim", 128)),
+        float(spec.get("dropout", 0.25)),
+        mode=spec["model"],
+        encoder_layers=int(spec.get("encoder_layers", 1)),
+    )

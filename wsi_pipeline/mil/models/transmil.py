@@ -60,8 +60,16 @@ class PPEG(nn.Module):
 class TransMIL(nn.Module):
     """A small transformer over instances with a class token (after Shao et al. 2021, full attention)."""
 
-    def __init__(self, in_dim: int, n_out: int, hidden_dim: int = 128, n_layers: int = 2, n_heads: int = 4,
-                 dropout: float = 0.25, ppeg: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        dropout: float = 0.25,
+        ppeg: bool = False,
+    ) -> None:
         super().__init__()
         self.encoder = instance_encoder(in_dim, hidden_dim, 1, dropout)
         self.cls = nn.Parameter(torch.zeros(1, 1, hidden_dim))
@@ -94,6 +102,12 @@ class TransMIL(nn.Module):
 
 @register_model("transmil")
 def build_transmil(spec: dict[str, Any]) -> nn.Module:
-    return TransMIL(int(spec["in_dim"]), int(spec["n_out"]), int(spec.get("hidden_dim", 128)),
-                    int(spec.get("n_layers", 2)), int(spec.get("n_heads", 4)), float(spec.get("dropout", 0.25)),
-                    bool(spec.get("ppeg", False)))
+    return TransMIL(
+        int(spec["in_dim"]),
+        int(spec["n_out"]),
+        int(spec.get("hidden_dim", 128)),
+        int(spec.get("n_layers", 2)),
+        int(spec.get("n_heads", 4)),
+        float(spec.get("dropout", 0.25)),
+        bool(spec.get("ppeg", False)),
+    )
