@@ -101,3 +101,19 @@ def test_default_slide_id(tmp_path: Path) -> None:
     assert default_slide_id("/x/img.ome.tiff") == "img"
     (tmp_path / "case7").mkdir()
     assert default_slide_id(tmp_path / "case7") == "case7"
+
+
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"])
+def test_threaded_read_gives_the_same_pixels_as_one_read(shared_data: Path, name: str) -> None:
+    """Large areas are decoded in strips on threads; strips start only where that is pixel-exact."""
+    with open_slide(shared_data / "slides" / name, mpp=0.25) as slide:
+        w, h = slide.info.level_dimensions[0]
+        assert len(slide.exact_strip_cuts(0, h)) > 2  # level 0 of a real SVS is split
+        np.testing.assert_array_equal(
+            slide.read_region_threaded((0, 0), 0, (w, h)), slide.read_region((0, 0), 0, (w, h))
+        )
+        level = slide.level_count - 1
+        lw, lh = slide.info.level_dimensions[level]
+        np.testing.assert_array_equal(
+            slide.read_region_threaded((0, 0), level, (lw, lh)), slide.read_region((0, 0), level, (lw, lh))
+        )

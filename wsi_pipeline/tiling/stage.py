@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,26 @@ def _tile_open_slide(
     qc_dir = layout.qc_dir(slide_id)
     qc_dir.mkdir(parents=True, exist_ok=True)
     mask_png, geojson_path, thumb_png = (qc_dir / "mask.png", qc_dir / "tissue.geojson", qc_dir / "thumbnail.png")
-    write_mask_png(mask, mask_png)
-    write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
-    rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
-    write_png(thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0))
     plain_png = qc_dir / "thumbnail_plain.png"  # no drawings: the base for attention heatmaps
-    write_png(plain_png, qc_img)
-
+    rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
     store = layout.tile_store(slide_id)
-    remove_stale_temporaries(store)
-    attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status)
-    write_tile_table(store, coords, fractions, attrs)
+    # PNG encoding releases the GIL: the pictures are written on threads while this one writes the tile table.
+    with ThreadPoolExecutor(3) as pool:
+        pictures = [
+            pool.submit(write_png, plain_png, qc_img),
+            pool.submit(write_mask_png, mask, mask_png),
+            pool.submit(
+                lambda: write_png(
+                    thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0)
+                )
+            ),
+        ]
+        write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
+        remove_stale_temporaries(store)
+        attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status)
+        write_tile_table(store, coords, fractions, attrs)
+        for done in pictures:
+            done.result()  # a failed picture fails the slide, as before
     return {
         "status": status,
         "reason": "no tissue found by the mask" if status == STATUS_NO_TISSUE else "",
