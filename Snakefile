@@ -17,5 +17,5 @@ include: "workflows/rules/report.smk"  # cohort report (CSV + HTML) and failure 
 rule all:
     input:
         rules.report.output,
-        expand(MIL / "{task}" / "summary.json", task=TASKS),
+        expand(PATHS.task_dir("{task}") / "summary.json", task=TASKS),
     default_target: True

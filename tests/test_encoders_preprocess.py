@@ -131,7 +131,7 @@ def test_embedding_fidelity_through_random_vit(real_tiles) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="so400m at 384 px takes ~20 s per tile on 2 CPU cores")
+@pytest.mark.gpu  # so400m at 384 px takes ~20 s per tile on 2 CPU cores
 def test_embedding_fidelity_through_conceptclip_architecture(real_tiles) -> None:
     enc = build_encoder(EncoderConfig(name="conceptclip-arch-random", precision="fp32"), "cuda")
     tiles = real_tiles[224][:1] + real_tiles[512][:1]

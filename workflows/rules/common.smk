@@ -4,6 +4,7 @@ from pathlib import Path
 
 from wsi_pipeline.config import load_config, write_run_config
 from wsi_pipeline.devices import cuda_present
+from wsi_pipeline.layout import ResultsLayout
 
 CFG = load_config(config)
 COHORT = CFG.cohort()
@@ -11,8 +12,21 @@ SLIDES = list(COHORT.index)
 # A changed sheet (labels, outcomes) must redo what reads it: stage 3 takes the sheet as an input.
 SAMPLE_SHEET = [CFG.samples] if CFG.samples.lower().endswith(".csv") else []
 RESULTS = Path(CFG.results)
+PATHS = ResultsLayout(RESULTS)  # every results path: wsi_pipeline/layout.py
 # Shell jobs run the CLI with the interpreter running Snakemake (the project's venv), whatever PATH says.
 WSI = f"{sys.executable} -m wsi_pipeline"
+
+
+def wsi_command(args):
+    """A shell rule's command: the CLI (WSI) with `args`, which keep their {input}/{log}/... placeholders."""
+    return f"{WSI} {args}"
+
+
+def no_conda_env(wildcards):
+    """The shell rules' `conda:`. Their software is the wsi-pipeline package in the interpreter that runs Snakemake
+    (WSI: the README's .venv with its pinned torch), so there is no per-rule environment to build, with or without
+    `--sdm conda`: None tells Snakemake to use none, and `snakemake --lint` sees the choice was made."""
+    return None
 
 
 wildcard_constraints:
@@ -34,7 +48,7 @@ def slide_mpp(wildcards):
     return None if value != value else float(value)  # NaN -> None
 
 ENCODER = CFG.encoder.name
-FEATURES = RESULTS / "features" / ENCODER
+FEATURES = PATHS.feature_dir(ENCODER)
 ENCODE_SHARDS = [f"{i}-of-{CFG.encode.jobs}" for i in range(CFG.encode.jobs)]
 
 
@@ -48,5 +62,40 @@ def _uses_gpu():
 
 USE_GPU = _uses_gpu()
 
+
+def mil_task_params(wildcards):
+    """The MIL rules' params: the task's and the training settings, so a change to either redoes the task."""
+    return {"task": CFG.mil.task(wildcards.task).model_dump(mode="json"),
+            "train": CFG.mil.train.model_dump(mode="json")}
+
+
+def tile_job(wildcards, params, log):
+    """The tile rule's job: stage 1 for one slide in this process, its outcome in the rule's log."""
+    import logging
+
+    from wsi_pipeline.tiling.stage import tile_slide
+
+    logging.basicConfig(filename=log[0], level=logging.INFO, force=True)
+    result = tile_slide(
+        params.path,
+        RESULTS,
+        slide_id=wildcards.slide_id,
+        mpp=params.mpp,
+        backend=params.backend,
+        tiling=CFG.tiling,
+        tissue=CFG.tissue,
+    )
+    logging.info("%s: %s (%s tiles) %s", wildcards.slide_id, result["status"], result["n_tiles"],
+                 result.get("reason", ""))
+
+
+def report_job(input, log):
+    """The report rule's job: report.csv/html from the tile sidecars, the failure summary printed and logged."""
+    from wsi_pipeline.report.report import build_report, failure_summary
+
+    summary = failure_summary(build_report(input.tiles, RESULTS, encoder=ENCODER))
+    Path(log[0]).write_text(f"{summary}\n")
+    print(summary)
+
 # The effective config after --configfile/--config overrides, for shell jobs to read (and as a record of the run).
-RUN_CONFIG = write_run_config(CFG, RESULTS / "run_config.yaml")
+RUN_CONFIG = write_run_config(CFG, PATHS.run_config)

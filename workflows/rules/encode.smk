@@ -7,7 +7,7 @@
 
 rule encode:
     input:
-        tiles=expand(RESULTS / "tiles" / "{slide_id}.json", slide_id=SLIDES),
+        tiles=expand(PATHS.tile_sidecar("{slide_id}"), slide_id=SLIDES),
         config=RUN_CONFIG,
     output:
         summary=FEATURES / "shards" / "{shard}.json",
@@ -23,6 +23,10 @@ rule encode:
         gpu=CFG.encode.gpus_per_job if USE_GPU else 0,
         mem_mb=16000,
         runtime=720,
+    conda:
+        no_conda_env
     shell:
-        WSI + " encode-shard --config {input.config} --shard {params.shard} --shards {params.shards} "
-        "--out {output.summary} > {log} 2>&1"
+        wsi_command(
+            "encode-shard --config {input.config} --shard {params.shard} --shards {params.shards} "
+            "--out {output.summary} > {log} 2>&1"
+        )

@@ -2,14 +2,8 @@
 # excluded.csv), patient-level splits, one job per fold (x seed), then the summary, figures and attention
 # heatmaps. Same code as the `wsi-pipeline mil-*` verbs.
 
-MIL = RESULTS / "mil"
 TASKS = [t.name for t in CFG.mil.tasks]
 FOLDS = [f"{i:02d}" for i in range(CFG.mil.n_splits)]
-
-
-def _task_params(wildcards):
-    return {"task": CFG.mil.task(wildcards.task).model_dump(mode="json"),
-            "train": CFG.mil.train.model_dump(mode="json")}
 
 
 rule mil_sheet:
@@ -18,55 +12,63 @@ rule mil_sheet:
         config=RUN_CONFIG,
         samples=SAMPLE_SHEET,
     output:
-        MIL / "{task}" / "sheet.csv",
+        PATHS.task_dir("{task}") / "sheet.csv",
     params:
-        _task_params,
+        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_sheet.log",
+    conda:
+        no_conda_env
     shell:
-        WSI + " mil-sheet --config {input.config} --task {wildcards.task} > {log} 2>&1"
+        wsi_command("mil-sheet --config {input.config} --task {wildcards.task} > {log} 2>&1")
 
 
 rule mil_splits:
     input:
-        sheet=MIL / "{task}" / "sheet.csv",
+        sheet=PATHS.task_dir("{task}") / "sheet.csv",
         config=RUN_CONFIG,
     output:
-        MIL / "{task}" / "splits.json",
+        PATHS.task_dir("{task}") / "splits.json",
     params:
-        _task_params,
+        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_splits.log",
+    conda:
+        no_conda_env
     shell:
-        WSI + " mil-splits --config {input.config} --task {wildcards.task} > {log} 2>&1"
+        wsi_command("mil-splits --config {input.config} --task {wildcards.task} > {log} 2>&1")
 
 
 rule mil_train:
     input:
-        sheet=MIL / "{task}" / "sheet.csv",
-        splits=MIL / "{task}" / "splits.json",
+        sheet=PATHS.task_dir("{task}") / "sheet.csv",
+        splits=PATHS.task_dir("{task}") / "splits.json",
         config=RUN_CONFIG,
     output:
-        MIL / "{task}" / "fold{fold}" / "metrics.json",
+        PATHS.task_dir("{task}") / "fold{fold}" / "metrics.json",
     params:
-        _task_params,
+        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_fold{fold}.log",
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        no_conda_env
     shell:
-        WSI + " mil-train --config {input.config} --task {wildcards.task} --fold {wildcards.fold} > {log} 2>&1"
+        wsi_command("mil-train --config {input.config} --task {wildcards.task} --fold {wildcards.fold} > {log} 2>&1")
 
 
 rule mil_evaluate:
     input:
-        folds=lambda wc: expand(MIL / wc.task / "fold{fold}" / "metrics.json", fold=FOLDS),
+        folds=lambda wc: expand(PATHS.task_dir(wc.task) / "fold{fold}" / "metrics.json", fold=FOLDS),
         config=RUN_CONFIG,
     output:
-        summary=MIL / "{task}" / "summary.json",
-        heatmaps=MIL / "{task}" / "heatmaps" / "index.json",
+        summary=PATHS.task_dir("{task}") / "summary.json",
+        heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
     log:
         RESULTS / "logs" / "mil" / "{task}_evaluate.log",
+    conda:
+        no_conda_env
     shell:
-        WSI + " mil-evaluate --config {input.config} --task {wildcards.task} > {log} 2>&1"
+        wsi_command("mil-evaluate --config {input.config} --task {wildcards.task} > {log} 2>&1")

@@ -3,16 +3,15 @@
 
 rule report:
     input:
-        tiles=expand(RESULTS / "tiles" / "{slide_id}.json", slide_id=SLIDES),
+        tiles=expand(PATHS.tile_sidecar("{slide_id}"), slide_id=SLIDES),
         encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
     output:
-        csv=RESULTS / "report.csv",
-        html=RESULTS / "report.html",
+        csv=PATHS.report_csv,
+        html=PATHS.report_html,
+    log:
+        RESULTS / "logs" / "report.log",
     run:
-        from wsi_pipeline.report.report import build_report, failure_summary
-
-        table = build_report(input.tiles, RESULTS, encoder=ENCODER)
-        print(failure_summary(table))
+        report_job(input, log)  # in workflows/rules/common.smk
 
 
 onsuccess:
@@ -20,6 +19,6 @@ onsuccess:
 
     from wsi_pipeline.report.report import failure_summary
 
-    report_csv = RESULTS / "report.csv"
+    report_csv = PATHS.report_csv
     if report_csv.exists():
-        print("\n" + failure_summary(pd.read_csv(report_csv, keep_default_na=False)))
+        print(f"\n{failure_summary(pd.read_csv(report_csv, keep_default_na=False))}")

@@ -7,7 +7,7 @@ rule tile:
     input:
         slide_input,
     output:
-        sidecar=RESULTS / "tiles" / "{slide_id}.json",
+        sidecar=PATHS.tile_sidecar("{slide_id}"),
     params:
         path=slide_path,
         mpp=slide_mpp,
@@ -21,19 +21,4 @@ rule tile:
         runtime=60,
     threads: 1
     run:
-        import logging
-
-        from wsi_pipeline.tiling.stage import tile_slide
-
-        logging.basicConfig(filename=log[0], level=logging.INFO, force=True)
-        result = tile_slide(
-            params.path,
-            RESULTS,
-            slide_id=wildcards.slide_id,
-            mpp=params.mpp,
-            backend=params.backend,
-            tiling=CFG.tiling,
-            tissue=CFG.tissue,
-        )
-        logging.info("%s: %s (%s tiles) %s", wildcards.slide_id, result["status"], result["n_tiles"],
-                     result.get("reason", ""))
+        tile_job(wildcards, params, log)  # in workflows/rules/common.smk

@@ -19,7 +19,8 @@ def _mil_section(config: Path) -> dict[str, Any]:
     from ..config import read_yaml
 
     data = read_yaml(config)
-    section = data.get("mil") if isinstance(data.get("mil"), dict) else data
+    mil = data.get("mil")
+    section = mil if isinstance(mil, dict) else data
     return {"tasks": section.get("tasks") or [], "train": section.get("train") or {}}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from ..errors import FeatureError
+from ..io.zarr_access import read_array, zarr_array
 from ..layout import ResultsLayout
 from .store import is_complete_store
 
@@ -48,7 +49,7 @@ class FeatureCohort(Mapping[str, zarr.Array]):
         return self._groups[slide_id]
 
     def bag(self, slide_id: str) -> zarr.Array:
-        return self.group(slide_id)["features"]  # type: ignore[return-value]
+        return zarr_array(self.group(slide_id), "features")
 
     def dask(self, slide_id: str) -> Any:
         import dask.array as da
@@ -57,7 +58,7 @@ class FeatureCohort(Mapping[str, zarr.Array]):
         return da.from_zarr(arr, chunks=(arr.shards or arr.chunks)[0:1] + arr.shape[1:])
 
     def coords(self, slide_id: str) -> np.ndarray:
-        return np.asarray(self.group(slide_id)["coords"][...])
+        return read_array(self.group(slide_id), "coords")
 
     @property
     def attrs(self) -> dict[str, dict[str, Any]]:

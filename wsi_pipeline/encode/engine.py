@@ -25,6 +25,7 @@ from ..errors import PipelineError
 from ..io.atomic import atomic_group, remove_stale_temporaries
 from ..io.jsonio import to_jsonable
 from ..io.locks import file_lock
+from ..io.zarr_access import attrs_dict
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, STATUS_SKIPPED, ResultsLayout
 from ..tiling.geometry import geometry_from_attrs
 from ..tiling.table import TileTable, read_tile_table, tiles_signature
@@ -228,7 +229,7 @@ def _reuse(paths: ResultsLayout, encoder: str, slide_id: str, side: EncodeSideca
         old = EncodeSidecar.read(sidecar_path)
         if old.status in (STATUS_OK, STATUS_NO_TISSUE, STATUS_SKIPPED) and old.store:
             return old.model_copy(update={"reused": True})
-    attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+    attrs = attrs_dict(zarr.open_group(str(store), mode="r"))
     n = int(attrs["n_tiles"])
     side.status = STATUS_OK if n else STATUS_NO_TISSUE
     side.reason = "" if n else NO_TISSUE_REASON

@@ -31,6 +31,7 @@ from ..errors import FeatureError, PipelineError
 from ..io.atomic import atomic_group, remove_stale_temporaries
 from ..io.jsonio import write_json_atomic
 from ..io.locks import file_lock
+from ..io.zarr_access import attrs_dict, zarr_array
 from ..layout import STATUS_FAILED, STATUS_OK, ResultsLayout
 from ..tiling.table import TileTable, read_tile_attrs
 from .config import EncodeParams
@@ -197,23 +198,23 @@ def merge_parts(
 
 def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParams, layout: StoreLayout | None) -> int:
     groups = [zarr.open_group(str(p), mode="r") for p in parts]
-    dim = int(groups[0]["features"].shape[1])
+    dim = int(zarr_array(groups[0], "features").shape[1])
     n = len(table)
     layout = layout or plan_layout(n, dim, params.dtype)
     with atomic_group(final) as g:
         feats, coords = create_feature_arrays(g, n, dim, params.dtype, layout)
         cw, fw = ShardWriter(coords), ShardWriter(feats)
         for pg in groups:  # stream shard-sized blocks: memory stays one shard
-            pf, pc = pg["features"], pg["coords"]
+            pf, pc = zarr_array(pg, "features"), zarr_array(pg, "coords")
             for i in range(0, pf.shape[0], layout.shard_rows):
-                fw.append(pf[i : i + layout.shard_rows])
-                cw.append(pc[i : i + layout.shard_rows])
+                fw.append(np.asarray(pf[i : i + layout.shard_rows]))
+                cw.append(np.asarray(pc[i : i + layout.shard_rows]))
         fw.close()
         cw.close()
         if not np.array_equal(np.asarray(coords[...]), table.coords):
             raise FeatureError(f"{final}: merged coords differ from the tile table; rerun with --force")
         attrs = {k: v for k, v in dict(groups[0].attrs).items() if k not in ("part_start", "part_stop")}
-        final_batch = min(int(pg.attrs.get("batch_size_final", params.batch_size)) for pg in groups)
+        final_batch = min(int(attrs_dict(pg).get("batch_size_final", params.batch_size)) for pg in groups)
         attrs.update(
             n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts), complete=True
         )

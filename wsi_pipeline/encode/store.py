@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from ..errors import FeatureError
+from ..io.zarr_access import zarr_array
 
 FEATURE_DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast row-block reads, never one-row chunks
@@ -140,8 +141,8 @@ def is_complete_store(path: Path, expect: Mapping[str, Any] | None = None) -> bo
     try:
         g = zarr.open_group(str(path), mode="r")
         attrs = dict(g.attrs)
-        n = g["features"].shape[0]
-        ok = bool(attrs.get("complete")) and n == g["coords"].shape[0] == attrs.get("n_tiles")
+        n = zarr_array(g, "features").shape[0]
+        ok = bool(attrs.get("complete")) and n == zarr_array(g, "coords").shape[0] == attrs.get("n_tiles")
     except Exception:  # unreadable metadata: not a usable store
         return False
     return ok and all(attrs.get(k) == v for k, v in (expect or {}).items())

@@ -156,6 +156,8 @@ class ModelSource:
 class TorchTileEncoder(TileEncoder):
     """A learned encoder: device preprocessing, then `forward_fn(pixels) -> (B, D)` under autocast on CUDA."""
 
+    preprocessing: Preprocessing  # always set: a learned encoder has the model's preprocessing
+
     def __init__(
         self,
         name: str,

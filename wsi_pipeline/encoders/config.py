@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 
@@ -30,6 +31,14 @@ class EncoderConfig(pydantic.BaseModel):
     compile: bool = False
     # Override the input size of the model's preprocessing (rarely needed; the model's config is the default).
     image_size: int | None = pydantic.Field(default=None, gt=0)
+
+
+def rgb_triple(values: Iterable[Any]) -> tuple[float, float, float]:
+    """Per-channel floats (a mean or a std) as an (R, G, B) tuple; ValueError unless there are exactly three."""
+    v = [float(x) for x in values]
+    if len(v) != 3:
+        raise ValueError("image_mean/image_std must have 3 values")
+    return v[0], v[1], v[2]
 
 
 @dataclass

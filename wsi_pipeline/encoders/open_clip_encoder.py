@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_files
-from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing
+from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing, rgb_triple
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import with_size
 from wsi_pipeline.errors import EncoderError
@@ -27,8 +27,8 @@ def open_clip_preprocessing(model: torch.nn.Module) -> Preprocessing:
     return Preprocessing(
         size=int(size),
         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
-        mean=tuple(float(v) for v in pc.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(float(v) for v in pc.get("std", open_clip.OPENAI_DATASET_STD)),
+        mean=rgb_triple(pc.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=rgb_triple(pc.get("std", open_clip.OPENAI_DATASET_STD)),
     )
 
 

@@ -11,12 +11,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wsi_pipeline.encoders.config import Preprocessing
+from wsi_pipeline.encoders.config import Preprocessing, rgb_triple
 from wsi_pipeline.errors import EncoderError
 
 # PIL resample codes as stored in Hugging Face preprocessor configs.
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-_PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 _TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}
 
 
@@ -83,29 +87,29 @@ def preprocessing_from_processor_config(
     the crop is smaller than the resize, the crop size is used (the whole tile is kept, not cropped).
     """
     source = str(cfg) if not isinstance(cfg, dict) else "processor config"
-    if not isinstance(cfg, dict):
+    if isinstance(cfg, dict):
+        conf: dict[str, Any] = cfg
+    else:
         try:
-            cfg = json.loads(Path(cfg).read_text())
+            conf = json.loads(Path(cfg).read_text())
         except (OSError, ValueError) as e:
             raise EncoderError(f"cannot read preprocessing from {source}: {e}") from e
-    cfg = cfg.get("image_processor", cfg)  # processor_config.json nests the image processor
+    conf = conf.get("image_processor", conf)  # processor_config.json nests the image processor
     base = default or Preprocessing(size=224)
     try:
         size = None
-        if cfg.get("do_center_crop") and cfg.get("crop_size") is not None:
-            size = _size_from(cfg["crop_size"])
-        size = size or _size_from(cfg.get("size")) or base.size
-        resample = cfg.get("resample", cfg.get("interpolation"))
+        if conf.get("do_center_crop") and conf.get("crop_size") is not None:
+            size = _size_from(conf["crop_size"])
+        size = size or _size_from(conf.get("size")) or base.size
+        resample = conf.get("resample", conf.get("interpolation"))
         if isinstance(resample, int):
             interpolation = _RESAMPLE_NAMES.get(resample, base.interpolation)
         else:
             interpolation = str(resample).lower() if resample else base.interpolation
         if interpolation not in _TORCH_MODES:
             interpolation = "bicubic"  # lanczos/box/hamming: bicubic is the nearest antialiased filter
-        mean = tuple(float(v) for v in cfg.get("image_mean", base.mean))
-        std = tuple(float(v) for v in cfg.get("image_std", base.std))
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("image_mean/image_std must have 3 values")
+        mean = rgb_triple(conf.get("image_mean", base.mean))
+        std = rgb_triple(conf.get("image_std", base.std))
     except (TypeError, ValueError) as e:
         raise EncoderError(f"unusable image-processor settings in {source}: {e}") from e
     return Preprocessing(size=int(size), interpolation=interpolation, mean=mean, std=std, resize="squash")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_files
-from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing
+from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing, rgb_triple
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import with_size
 from wsi_pipeline.errors import EncoderError
@@ -33,8 +33,8 @@ def timm_preprocessing(model: torch.nn.Module) -> Preprocessing:
     return Preprocessing(
         size=size,
         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
-        mean=tuple(float(v) for v in dc["mean"]),
-        std=tuple(float(v) for v in dc["std"]),
+        mean=rgb_triple(dc["mean"]),
+        std=rgb_triple(dc["std"]),
     )
 
 
@@ -76,7 +76,8 @@ def build_timm(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchT
             repo_id, arch = arch[len("hf-hub:") :], None
         else:
             try:
-                repo_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+                pretrained = timm.models.get_pretrained_cfg(arch)
+                repo_id = pretrained.hf_hub_id if pretrained is not None else None
             except Exception:  # unknown name / no default tag
                 repo_id = None
             if not repo_id:
@@ -107,7 +108,8 @@ def build_timm(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchT
         raise EncoderError(f"{what}: timm cannot build {arch!r} ({type(e).__name__}: {e})") from e
     weights = _pick_weights(files)
     state = load_state_dict_file(weights)
-    classifier = (model.pretrained_cfg or {}).get("classifier", "head")
+    # timm's plain attributes (pretrained_cfg, num_features, head_hidden_size) are not in nn.Module's typing.
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
     heads = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -117,7 +119,7 @@ def build_timm(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchT
             "check encoder.model_id"
         )
     prep = with_size(timm_preprocessing(model), cfg.image_size)
-    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     source = ModelSource(model_id=cfg.model_id or arch, path=str(model_dir), revision=revision, weight_files=files)
     return TorchTileEncoder(cfg.name, model, model, dim, prep, source, cfg, device)
 
@@ -154,6 +156,6 @@ def build_conceptclip_arch_random(cfg: EncoderConfig, device: torch.device | str
     _fast_random_init(model, RANDOM_SEED, device)
     prep = with_size(timm_preprocessing(model), cfg.image_size)
     source = ModelSource(model_id=f"timm:{arch}", random_weights=True)
-    enc = TorchTileEncoder(cfg.name, model, model, model.num_features, prep, source, cfg, device)
+    enc = TorchTileEncoder(cfg.name, model, model, getattr(model, "num_features", None), prep, source, cfg, device)
     enc._provenance_extra.update({"seed": RANDOM_SEED, "note": "random weights: throughput benchmarks only"})
     return enc

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +155,7 @@ def all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def prefetch(store: BagStore, bags: Sequence[Bag], threads: int, ahead: int = 8) -> Iterator[np.ndarray]:
+def prefetch(store: BagStore, bags: Sequence[Bag], threads: int, ahead: int = 8) -> Generator[np.ndarray, None, None]:
     """`store.load(bag)` for each bag, in order, read by `threads` background threads up to `ahead` bags early.
 
     Reading and decompressing the next bags overlaps the model's step on the current one, so a fast device is
@@ -240,20 +240,31 @@ def bags_from_sheet(df: pd.DataFrame, task: TaskConfig) -> list[Bag]:
                     f"patient {pid} has slides with different labels for task {task.name!r}; "
                     "fix the sample sheet (a patient's slides share one label)"
                 )
-            target = {"label": int(rows["_target"].iloc[0])}
+            label, time, event = int(rows["_target"].iloc[0]), None, None
         else:
             if rows["_time"].nunique() > 1 or rows["_event"].nunique() > 1:
                 raise TrainingDataError(
                     f"patient {pid} has slides with different survival data for task "
                     f"{task.name!r}; make them agree in the sample sheet"
                 )
-            target = {"time": float(rows["_time"].iloc[0]), "event": int(rows["_event"].iloc[0])}
+            label, time, event = None, float(rows["_time"].iloc[0]), int(rows["_event"].iloc[0])
         slides = rows[task.slide_col].tolist()
         if task.pool_slides:
-            bags.append(Bag(str(pid), slides, patient_id=str(pid), **target))
+            bags.append(Bag(str(pid), slides, label, time, event, patient_id=str(pid)))
         else:
-            bags += [Bag(s, [s], patient_id=str(pid), **target) for s in slides]
+            bags += [Bag(s, [s], label, time, event, patient_id=str(pid)) for s in slides]
     return bags
+
+
+def bag_strata(bags: Sequence[Bag], classification: bool) -> list[int]:
+    """Per bag, the class index (classification) or the event flag (survival): what splits stratify on and class
+    weights count. `bags_from_sheet` sets it on every bag."""
+    values = [b.label if classification else b.event for b in bags]
+    missing = [b.bag_id for b, v in zip(bags, values, strict=True) if v is None]
+    if missing:
+        what = "class label" if classification else "event flag"
+        raise TrainingDataError(f"{len(missing)} bag(s) have no {what} (first: {missing[0]!r}); check the sheet")
+    return [v for v in values if v is not None]
 
 
 def load_instance_csv(csv_path: str | Path) -> tuple[list[Bag], ArrayStore]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device  # one device rule for every stage
+from ..errors import TrainingDataError
 from .bags import Bag, BagStore, prefetch
 from .config import TrainConfig
 from .losses import cox_loss, cross_entropy, discrete_nll, hazard_risk, to_bin
@@ -71,6 +72,9 @@ def model_spec(cfg: TrainConfig, in_dim: int, problem: Problem) -> dict[str, Any
 class Normalized(torch.nn.Module):
     """Feature standardisation (training-fold statistics, stored with the weights) in front of a MIL model."""
 
+    mean: torch.Tensor  # buffers (register_buffer)
+    std: torch.Tensor
+
     def __init__(self, core: torch.nn.Module, in_dim: int) -> None:
         super().__init__()
         self.core = core
@@ -88,7 +92,8 @@ def make_model(spec: dict[str, Any]) -> torch.nn.Module:
 
 def feature_stats(store: BagStore, bags: list[Bag], threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over all training instances, streamed bag by bag (float64 sums)."""
-    total = sq = None
+    total: np.ndarray | None = None
+    sq: np.ndarray | None = None
     n = 0
     with closing(prefetch(store, bags, threads)) as reader:  # an error stops the reader threads at once
         for features in reader:
@@ -96,6 +101,8 @@ def feature_stats(store: BagStore, bags: list[Bag], threads: int = 2) -> tuple[n
             total = x.sum(0) if total is None else total + x.sum(0)
             sq = (x**2).sum(0) if sq is None else sq + (x**2).sum(0)
             n += len(x)
+    if total is None or sq is None:
+        raise TrainingDataError("feature statistics need at least one training bag; the training set is empty")
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean**2, 0))
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -168,7 +175,8 @@ def predict_bags(
 ) -> dict[str, Any]:
     """Scores for each bag (one bag per forward pass: no padding, any bag size) and optionally attention."""
     model.eval()
-    scores, attn, logits_all = [], [], []
+    attn: list[np.ndarray] = []
+    logits_all: list[torch.Tensor] = []
     use_amp = amp and device.type == "cuda"
     with closing(prefetch(store, bags, threads)) as reader:
         for features in reader:
@@ -234,7 +242,7 @@ def _fit(
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = make_model(spec)
-    if spec.get("standardize"):
+    if isinstance(model, Normalized):  # spec["standardize"]
         mean, std = feature_stats(store, train, cfg.loader_threads)
         model.mean.copy_(torch.from_numpy(mean))
         model.std.copy_(torch.from_numpy(std))

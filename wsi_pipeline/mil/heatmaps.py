@@ -22,6 +22,8 @@ def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
     import cv2
     import zarr
 
+    from ..errors import PipelineError
+    from ..io.zarr_access import attrs_dict, read_array
     from ..slide.reader import open_slide
     from ..tiling.geometry import geometry_from_attrs, read_tile
     from ..tiling.qc import write_png
@@ -33,14 +35,17 @@ def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
     for att_path in sorted(layout.attention_dir(task).glob("*.zarr")):
         sid = att_path.stem
         att = zarr.open_group(str(att_path), mode="r")
-        scores = np.asarray(att["scores"][...], dtype=np.float64)
+        scores = read_array(att, "scores").astype(np.float64, copy=False)
         tiles = zarr.open_group(str(layout.tile_store(sid)), mode="r")
-        attrs = dict(tiles.attrs)
-        coords = np.asarray(att["coords"][...]) if "coords" in att else np.asarray(tiles["coords"][...])
+        attrs = attrs_dict(tiles)
+        coords = read_array(att, "coords") if "coords" in att else read_array(tiles, "coords")
         thumb_path = layout.qc_dir(sid) / "thumbnail_plain.png"
         if not thumb_path.exists():  # tiled by an earlier version: the QC thumbnail, drawings and all
             thumb_path = thumb_path.with_name("thumbnail.png")
-        thumb = cv2.cvtColor(cv2.imread(str(thumb_path)), cv2.COLOR_BGR2RGB)
+        thumb_bgr = cv2.imread(str(thumb_path))
+        if thumb_bgr is None:
+            raise PipelineError(f"{thumb_path}: cannot read the slide thumbnail; rerun the tile stage for {sid}")
+        thumb = cv2.cvtColor(thumb_bgr, cv2.COLOR_BGR2RGB)
         scale = thumb.shape[1] / float(attrs["slide_dimensions"][0])  # thumbnail px per level-0 px
         heat = attention_heatmap(thumb, coords, float(attrs["tile_size_level0"]), scores, scale)
         write_png(out / f"{sid}_heatmap.png", heat)

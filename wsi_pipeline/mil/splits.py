@@ -49,7 +49,7 @@ def make_splits(
     if len(per_group) < folds:
         raise TrainingDataError(f"{len(per_group)} patients cannot be split into {folds} folds; lower `folds`")
     n_val = max(2, round(1 / val_fraction))
-    entries = []
+    entries: list[dict[str, Any]] = []
     with warnings.catch_warnings():  # sklearn warns when a class is smaller than n_splits; handled above
         warnings.simplefilter("ignore", UserWarning)
         for seed in seeds:

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 class StackedMIL(torch.nn.Module):
     """M binary MIL classifiers: `forward(x, seg, n_bags)` -> logits (M, n_bags)."""
 
+    hmask: torch.Tensor  # buffers (register_buffer)
+    drop: torch.Tensor
+
     def __init__(
         self,
         members: int,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConfigError, TrainingDataError
 from ..io.atomic import atomic_group
 from ..io.jsonio import to_jsonable, write_json_atomic
-from .bags import Bag, ZarrStore, bags_from_sheet, load_sheet
+from .bags import Bag, ZarrStore, bag_strata, bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig, as_task, as_train
 from .engine import Problem, fit, make_model, model_spec, predict_bags, resolve_device
 from .losses import time_bins
@@ -31,7 +31,7 @@ def make_problem(task: TaskConfig, cfg: TrainConfig, classes: list[str] | None, 
     """Output size and loss for a task, with class weights / time bins from the training bags only."""
     if task.type == "classification":
         assert classes is not None
-        counts = np.bincount([b.label for b in train], minlength=len(classes)).astype(float)
+        counts = np.bincount(bag_strata(train, classification=True), minlength=len(classes)).astype(float)
         weight = None
         if cfg.class_weights:
             weight = np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0).tolist()
@@ -76,8 +76,9 @@ def _prediction_rows(bags: list[Bag], scores: np.ndarray, problem: Problem, entr
     df["index"], df["seed"], df["fold"] = entry["index"], entry["seed"], entry["fold"]
     if problem.kind == "classification":
         assert problem.classes is not None
-        df["y_true"] = [b.label for b in bags]
-        df["label"] = [problem.classes[b.label] for b in bags]
+        labels = bag_strata(bags, classification=True)
+        df["y_true"] = labels
+        df["label"] = [problem.classes[y] for y in labels]
         for i, name in enumerate(problem.classes):
             df[f"prob_{name}"] = scores[:, i]
         df["pred"] = [problem.classes[i] for i in scores.argmax(1)]
@@ -133,7 +134,7 @@ def train_task(
         raise TrainingDataError(f"{sheet_csv}: no rows with a target for task {task.name!r}")
     store = ZarrStore(features_dir, cfg.cache_bytes)
     store.check(bags)  # every missing store listed at once, before any training
-    strata = [b.label if task.type == "classification" else b.event for b in bags]
+    strata = bag_strata(bags, task.type == "classification")
     splits = load_or_make_splits(
         out / "splits.json",
         [b.bag_id for b in bags],

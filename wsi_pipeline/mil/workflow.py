@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ..layout import STATUS_OK, ResultsLayout
-from .bags import bags_from_sheet, load_sheet
+from .bags import bag_strata, bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig
 from .splits import load_or_make_splits
 
@@ -45,7 +45,7 @@ def write_task_splits(sheet_csv: Path, task: TaskConfig, train: TrainConfig, out
     """Make (or reuse) the task's patient-level splits once, before the fold jobs start in parallel."""
     df, _ = load_sheet(sheet_csv, task)
     bags = bags_from_sheet(df, task)
-    strata = [b.label if task.type == "classification" else b.event for b in bags]
+    strata = bag_strata(bags, task.type == "classification")
     return load_or_make_splits(
         out / "splits.json",
         [b.bag_id for b in bags],

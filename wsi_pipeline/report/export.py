@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,7 @@ import zarr
 from ..encode.store import is_complete_store
 from ..errors import FeatureError
 from ..io.atomic import temporary_name
+from ..io.zarr_access import attrs_dict, read_array
 from ..tiling.table import TileTable, read_tile_table
 
 
@@ -39,7 +41,7 @@ def export_h5(
     tile_store: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     features: np.ndarray | None = None,
-    extra_attrs: dict[str, object] | None = None,
+    extra_attrs: Mapping[str, object] | None = None,
 ) -> Path:
     """Write `coords` (and `features` when given) with CLAM/TRIDENT attributes to `out_path` (HDF5)."""
     table = read_tile_table(tile_store)
@@ -66,11 +68,11 @@ def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os
     if not is_complete_store(store):
         raise FeatureError(f"{store}: not a complete feature store; run `wsi-pipeline encode` first")
     g = zarr.open_group(str(store), mode="r")
-    attrs = dict(g.attrs)
+    attrs = attrs_dict(g)
     tile_store = (store.parent / attrs["tile_store_rel"]).resolve()
     if not (tile_store / "zarr.json").is_file():
         tile_store = Path(attrs["tile_store"])
-    coords = np.asarray(g["coords"][...])
+    coords = read_array(g, "coords")
     if not np.array_equal(read_tile_table(tile_store).coords, coords):
         raise FeatureError(f"{store}: coords differ from the tile table {tile_store}; re-encode the slide")
     extra = {
@@ -80,4 +82,4 @@ def export_features_h5(feature_store: str | os.PathLike[str], out_path: str | os
         "revision": attrs.get("revision") or "",
         "package_version": attrs.get("package_version", ""),
     }
-    return export_h5(tile_store, out_path, features=np.asarray(g["features"][...]), extra_attrs=extra)
+    return export_h5(tile_store, out_path, features=read_array(g, "features"), extra_attrs=extra)

@@ -44,7 +44,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: tuple[float, float
     return n / max(float(n.std()), 1e-6)
 
 
-def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: int) -> tuple[np.ndarray, ...]:
+def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(tissue, background) RGB textures of s x s px at ``um_per_px``."""
     rng = np.random.default_rng([seed, int(um_per_px * 1000)])
     low = _smooth_noise(rng, s, (30 / um_per_px + 1, 30 / um_per_px + 1))
@@ -83,10 +83,10 @@ def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: in
 class Painter:
     """Renders any block of any level from the geometry; caches atlases and pre-encoded uniform tiles."""
 
-    def __init__(self, spec: SyntheticSpec, encode: Callable[[np.ndarray], bytes]) -> None:
+    def __init__(self, spec: SyntheticSpec, encode: Callable[[np.ndarray], bytes | bytearray]) -> None:
         self.s, self.encode = spec, encode
         self.atlases: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-        self.pool: dict[tuple[float, int, int], bytes] = {}
+        self.pool: dict[tuple[float, int, int], bytes | bytearray] = {}
 
     def atlas(self, ds: float) -> tuple[np.ndarray, np.ndarray]:
         if ds not in self.atlases:
@@ -149,7 +149,7 @@ class Painter:
         mask = union(hit, xs, ys)
         return 1 if mask.all() else 0 if not mask.any() else 2
 
-    def tiles(self, level: int) -> Iterator[bytes]:
+    def tiles(self, level: int) -> Iterator[bytes | bytearray]:
         """Encoded tiles of one level, row-major, as tifffile expects."""
         s, t = self.s, self.s.tile_size
         ds = s.level_downsamples[level]

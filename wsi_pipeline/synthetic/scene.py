@@ -127,7 +127,8 @@ def default_regions(width: int, height: int, seed: int) -> tuple[Region, ...]:
     rng = np.random.default_rng([seed, 7])
     mx, my = 0.05 * width, 0.05 * height
     cw, ch = (width - 2 * mx) / 3, (height - 2 * my) / 2
-    kinds = rng.permutation(["ellipse", "ellipse", "rectangle"])
+    shapes: tuple[Literal["ellipse", "rectangle"], ...] = ("ellipse", "ellipse", "rectangle")
+    kinds = [shapes[i] for i in rng.permutation(len(shapes))]  # the same draw as permuting the names
     out = []
     for kind, cell in zip(kinds, sorted(rng.choice(6, size=3, replace=False)), strict=True):
         cx0, cy0 = mx + (cell % 3) * cw, my + (cell // 3) * ch
@@ -135,7 +136,7 @@ def default_regions(width: int, height: int, seed: int) -> tuple[Region, ...]:
         x0 = cx0 + 0.05 * cw + rng.uniform(0, 0.9 * cw - sw)
         y0 = cy0 + 0.05 * ch + rng.uniform(0, 0.9 * ch - sh)
         x0, y0 = float(x0), float(y0)
-        out.append(Region(str(kind), round(x0, 1), round(y0, 1), round(x0 + sw, 1), round(y0 + sh, 1)))
+        out.append(Region(kind, round(x0, 1), round(y0, 1), round(x0 + sw, 1), round(y0 + sh, 1)))
     return tuple(out)
 
 

@@ -29,14 +29,14 @@ def _levels(width: int, height: int, tile_size: int) -> tuple[float, ...]:
     return tuple(ds)
 
 
-def _encoder(compression: str, quality: int, rgb_jpeg: bool) -> tuple[Callable[[np.ndarray], bytes], dict]:
+def _encoder(compression: str, quality: int, rgb_jpeg: bool) -> tuple[Callable[[np.ndarray], bytes | bytearray], dict]:
     """Tile encoder plus the matching tifffile tag arguments (tiles are handed to tifffile pre-encoded)."""
     if compression == "jpeg":
         # Aperio stores JPEG tiles in RGB colour space without chroma subsampling (photometric RGB);
         # generic TIFFs use the usual YCbCr 4:2:0.
         out, sub = ("RGB", (1, 1)) if rgb_jpeg else ("YCBCR", (2, 2))
 
-        def enc(a: np.ndarray) -> bytes:
+        def enc(a: np.ndarray) -> bytes | bytearray:
             return imagecodecs.jpeg_encode(a, level=quality, colorspace="RGB", outcolorspace=out, subsampling=sub)
 
         return enc, {"compression": "jpeg", "subsampling": sub, "compressionargs": {"outcolorspace": out}}

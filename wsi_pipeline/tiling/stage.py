@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def _tile_open_slide(
     store = layout.tile_store(slide_id)
     # PNG encoding releases the GIL: the pictures are written on threads while this one writes the tile table.
     with ThreadPoolExecutor(3) as pool:
-        pictures = [
+        pictures: list[Future[Any]] = [
             pool.submit(write_png, plain_png, qc_img),
             pool.submit(write_mask_png, mask, mask_png),
             pool.submit(

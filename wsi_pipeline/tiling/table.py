@@ -13,6 +13,7 @@ import zarr
 
 from ..io.atomic import atomic_group, row_chunks
 from ..io.jsonio import to_jsonable
+from ..io.zarr_access import read_array
 
 
 @dataclass
@@ -44,7 +45,7 @@ def write_tile_table(
 def read_tile_table(path: str | os.PathLike[str]) -> TileTable:
     g = zarr.open_group(str(path), mode="r")
     return TileTable(
-        coords=np.asarray(g["coords"][...]), tissue_fraction=np.asarray(g["tissue_fraction"][...]), attrs=dict(g.attrs)
+        coords=read_array(g, "coords"), tissue_fraction=read_array(g, "tissue_fraction"), attrs=dict(g.attrs)
     )
 
 

@@ -166,7 +166,7 @@ def pen_mask(hsv: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
     blue = saturated & (h >= params.pen_blue_hue[0]) & (h <= params.pen_blue_hue[1])
     green = saturated & (h >= params.pen_green_hue[0]) & (h <= params.pen_green_hue[1])
     black = (v <= params.pen_black_max_value) & (s <= params.pen_black_max_saturation)
-    pen = (blue | green | black).astype(np.uint8)
+    pen: np.ndarray = (blue | green | black).astype(np.uint8)
     k = _px(params.pen_min_width_um, mpp)
     if k >= 2:
         pen = cv2.morphologyEx(pen, cv2.MORPH_OPEN, _ellipse(k))
@@ -206,7 +206,7 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams | None
     else:
         threshold = float(params.saturation_threshold)
     background = (hsv[..., 2] >= params.background_min_value) & (sat <= params.background_max_saturation)
-    tissue = ((sat > threshold) & ~excluded & ~background).astype(np.uint8)
+    tissue: np.ndarray = ((sat > threshold) & ~excluded & ~background).astype(np.uint8)
 
     k = _px(params.close_um, mpp)
     if k >= 2:

@@ -96,6 +96,7 @@ class TransMIL(nn.Module):
         logits = self.head(self.norm(tokens[:, 0]))
         if not return_attention:
             return logits
+        assert attn is not None  # the last block returned the class token's attention
         inst = attn[:, 1:] * mask  # renormalise over instances (the class token attends to itself too)
         return logits, (inst / inst.sum(1, keepdim=True).clamp(min=1e-12)).to(h.dtype)
 
