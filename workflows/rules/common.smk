@@ -1,10 +1,12 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
+import json
 import sys
 from pathlib import Path
 
 from wsi_pipeline.config import load_config, write_run_config
 from wsi_pipeline.devices import cuda_present
 from wsi_pipeline.layout import ResultsLayout
+from wsi_pipeline.slide.fingerprint import current_fingerprint
 
 CFG = load_config(config)
 COHORT = CFG.cohort()
@@ -41,6 +43,15 @@ def slide_input(wildcards):
     """The slide as input when it exists; a missing file is still tiled, so its failure lands in the report."""
     path = Path(slide_path(wildcards))
     return [str(path)] if path.exists() else []
+
+
+def slide_fingerprint(wildcards):
+    """The slide's content fingerprint (wsi_pipeline.slide.fingerprint) as a param of the tile rule: a slide
+    replaced under the same name, even with its old date (cp -p, rsync -a, a restore), changes it, and Snakemake
+    redoes the slide and everything after it. Unchanged files cost a stat, not a read."""
+    sidecar = PATHS.tile_sidecar(wildcards.slide_id)
+    recorded = json.loads(sidecar.read_text()).get("slide_fingerprint") if sidecar.exists() else None
+    return current_fingerprint(slide_path(wildcards), recorded) or "missing"
 
 
 def slide_mpp(wildcards):

@@ -11,6 +11,7 @@ rule tile:
     params:
         path=slide_path,
         mpp=slide_mpp,
+        fingerprint=slide_fingerprint,
         tiling=CFG.tiling.model_dump(),
         tissue=CFG.tissue.model_dump(),
         backend=CFG.backend,

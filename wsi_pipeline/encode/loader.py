@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..encoders import TileEncoder, check_finite
 from ..errors import FeatureError, PipelineError, SlideError
+from ..slide.fingerprint import check_same_slide
 from ..slide.reader import Slide, open_slide
 from ..tiling.geometry import TileGeometry, read_tile
 from .store import ShardWriter
@@ -43,13 +44,18 @@ class SlideSource:
     backend: str = "auto"
     mpp: float | None = None
     expected_size: int | None = None
+    fingerprint: dict[str, Any] | None = None  # recorded at tiling (slide.fingerprint)
 
     @classmethod
     def from_tile_attrs(cls, attrs: dict[str, Any]) -> SlideSource:
         mpp = float(attrs["slide_mpp"]) if attrs.get("mpp_source") == "override" else None
         size = attrs.get("slide_file_size")
         return cls(
-            str(attrs["slide_path"]), str(attrs.get("backend", "auto")), mpp, int(size) if size is not None else None
+            str(attrs["slide_path"]),
+            str(attrs.get("backend", "auto")),
+            mpp,
+            int(size) if size is not None else None,
+            attrs.get("slide_fingerprint"),
         )
 
     def check_unchanged(self) -> None:
@@ -65,6 +71,7 @@ class SlideSource:
                 f"{p}: file size changed since tiling ({self.expected_size} -> {p.stat().st_size} "
                 "bytes); rerun `wsi-pipeline tile` for this slide"
             )
+        check_same_slide(p, self.fingerprint)  # same size, other content: a restore or `cp -p` over it
 
     def open(self) -> Slide:
         return open_slide(self.path, backend=self.backend, mpp=self.mpp)  # type: ignore[arg-type]

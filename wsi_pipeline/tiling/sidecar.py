@@ -19,6 +19,7 @@ class TileSidecar(Sidecar):
     tiling: dict[str, Any]
     tissue_params: dict[str, Any]
     mpp_override: float | None = None
+    slide_fingerprint: dict[str, Any] | None = None  # slide.fingerprint: is the file still the one that was tiled?
     slide: dict[str, Any] | None = None  # SlideInfo.to_dict(): backend, vendor, dimensions, MPP and its source
     tissue_area_mm2: float | None = None
     geometry: dict[str, Any] | None = None  # TileGeometry.to_dict()

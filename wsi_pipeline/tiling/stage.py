@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import PipelineError
 from ..io.atomic import remove_stale_temporaries
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
+from ..slide.fingerprint import slide_fingerprint
 from ..slide.reader import Slide, default_slide_id, open_slide
 from .config import TilingParams, TissueParams
 from .geometry import TileGeometry, grid_coords, plan_geometry
@@ -55,9 +56,12 @@ def tile_slide(
         mpp_override=mpp,
     )
     try:
+        # Taken before reading: a failed slide replaced by a good copy (even with its old date) is tried again.
+        sidecar.slide_fingerprint = slide_fingerprint(path) if Path(path).exists() else None
         with open_slide(path, backend=backend, mpp=mpp) as slide:  # type: ignore[arg-type]
             sidecar.slide = slide.info.to_dict()
-            for key, value in _tile_open_slide(slide, layout, slide_id, tiling, tissue).items():
+            result = _tile_open_slide(slide, layout, slide_id, tiling, tissue, sidecar.slide_fingerprint)
+            for key, value in result.items():
                 setattr(sidecar, key, value)
     except PipelineError as err:
         sidecar.status, sidecar.reason, sidecar.n_tiles = STATUS_FAILED, str(err), 0
@@ -68,7 +72,12 @@ def tile_slide(
 
 
 def _tile_open_slide(
-    slide: Slide, layout: ResultsLayout, slide_id: str, tiling: TilingParams, tissue: TissueParams
+    slide: Slide,
+    layout: ResultsLayout,
+    slide_id: str,
+    tiling: TilingParams,
+    tissue: TissueParams,
+    fingerprint: dict[str, Any] | None,
 ) -> dict[str, Any]:
     geometry = plan_geometry(slide, tiling)
     width, height = slide.info.dimensions
@@ -104,7 +113,9 @@ def _tile_open_slide(
         ]
         write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
         remove_stale_temporaries(store)
-        attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status)
+        attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status) | {
+            "slide_fingerprint": fingerprint
+        }
         write_tile_table(store, coords, fractions, attrs)
         for done in pictures:
             done.result()  # a failed picture fails the slide, as before
