@@ -27,6 +27,7 @@ from ..io.jsonio import to_jsonable
 from ..io.locks import file_lock
 from ..io.zarr_access import attrs_dict
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, STATUS_SKIPPED, ResultsLayout
+from ..slide.fingerprint import check_same_slide
 from ..tiling.geometry import geometry_from_attrs
 from ..tiling.table import TileTable, read_tile_table, tiles_signature
 from .config import EncodeParams
@@ -202,6 +203,8 @@ def encode_whole_slide(
         try:
             table = load_tile_table(results, slide_id)
             side.n_tiles = len(table)
+            # a slide replaced since tiling (same name, same size, old date) must not pass as its old features
+            check_same_slide(str(table.attrs.get("slide_path", "")), table.attrs.get("slide_fingerprint"))
             if not force and is_complete_store(store, expected_attrs(cfg, params.dtype, table.attrs)):
                 return _reuse(paths, cfg.name, slide_id, side)
             remove_stale_temporaries(store)
