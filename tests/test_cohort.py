@@ -73,3 +73,32 @@ def test_config_errors_are_one_line(tmp_path: Path, shared_data: Path) -> None:
     with pytest.raises(ConfigError, match="'samples' is not set"):
         load_config({}).cohort()
     assert len(load_config({"samples": str(SLIDES_GLOB)}).cohort()) == 3
+
+
+def test_empty_glob_names_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'samples' pattern"):
+        cohort_from_glob(str(tmp_path / "*.svs"))
+
+
+def test_sheet_mpp_range_is_the_range_tiling_accepts(tmp_path: Path) -> None:
+    """0.01 um/px was accepted by the sheet and refused only at tiling; now one range, checked before the run."""
+    with pytest.raises(ConfigError, match=r"mpp must be .* \[0.05, 50.0\].* row\(s\) 2"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id,path,mpp\nA,a.svs,0.01\nB,b.svs,0.05\n"))
+
+
+def test_glob_derives_valid_ids_from_spaces_and_accents(tmp_path: Path, cmu_slide: Path) -> None:
+    import shutil
+
+    from wsi_pipeline.layout import STATUS_OK
+    from wsi_pipeline.tiling.stage import tile_slide
+
+    for name in ("my slide (1).svs", "Gewebeprobe_Müller.svs"):
+        shutil.copy(cmu_slide, tmp_path / name)
+    cohort = cohort_from_glob(str(tmp_path / "*.svs"))
+    assert sorted(cohort.index) == ["Gewebeprobe_Muller", "my_slide_1"]
+    # the same file through the tile command's default id: the same id as the glob gave it
+    side = tile_slide(tmp_path / "my slide (1).svs", tmp_path / "results")
+    assert side.slide_id == "my_slide_1" and side.status == STATUS_OK
+    assert (tmp_path / "results" / "tiles" / "my_slide_1.zarr").is_dir()
+    with pytest.raises(ConfigError, match="pass --slide-id my_slide"):
+        tile_slide(tmp_path / "my slide (1).svs", tmp_path / "results", slide_id="my slide")

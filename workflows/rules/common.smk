@@ -7,6 +7,7 @@ from wsi_pipeline.config import load_config, write_run_config
 from wsi_pipeline.devices import cuda_present
 from wsi_pipeline.layout import ResultsLayout
 from wsi_pipeline.slide.fingerprint import current_fingerprint
+from wsi_pipeline.slide.reader import SLIDE_ID_PATTERN
 
 CFG = load_config(config)
 COHORT = CFG.cohort()
@@ -32,7 +33,7 @@ def no_conda_env(wildcards):
 
 
 wildcard_constraints:
-    slide_id="[A-Za-z0-9._-]+",
+    slide_id=SLIDE_ID_PATTERN,
 
 
 def slide_path(wildcards):

@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from .reader import default_slide_id
+from .reader import MPP_PLAUSIBLE, default_slide_id, slide_id_problem
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("slide_id", "path")
-SLIDE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def read_sample_sheet(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -54,7 +53,7 @@ def cohort_from_glob(pattern: str) -> pd.DataFrame:
     """A cohort from a glob such as `/data/slides/*.svs`; slide ids are the file names without extension."""
     paths = sorted(glob.glob(os.path.expanduser(pattern)))
     if not paths:
-        raise ConfigError(f"{pattern}: no slides match this glob; check the 'slides' pattern in the config")
+        raise ConfigError(f"{pattern}: no slides match this glob; check the 'samples' pattern in the config")
     sheet = pd.DataFrame({"slide_id": [default_slide_id(p) for p in paths], "path": paths})
     return validate_cohort(sheet, base_dir=Path.cwd(), source=pattern)
 
@@ -66,9 +65,12 @@ def validate_cohort(sheet: pd.DataFrame, base_dir: Path, source: str) -> pd.Data
     empty = sheet.index[ids.isna() | (ids == "")].tolist()
     if empty:
         problems.append(f"empty slide_id on row(s) {_rows(empty)}")
-    bad_chars = [s for s in ids.dropna() if s and not set(s) <= SLIDE_ID_CHARS]
+    bad_chars = [s for s in ids.dropna() if s and slide_id_problem(s)]
     if bad_chars:
-        problems.append(f"slide_id with characters other than letters, digits, '.', '_', '-': {bad_chars[:5]}")
+        problems.append(
+            f"slide_id with characters other than letters, digits, '.', '_', '-': {bad_chars[:5]} (the file name "
+            f"gives a valid id: {default_slide_id(bad_chars[0])!r})"
+        )
     dup = ids[ids.duplicated(keep=False) & ids.notna()]
     if len(dup):
         problems.append(f"duplicate slide_id {sorted(set(dup))} on rows {_rows(dup.index.tolist())}")
@@ -78,9 +80,12 @@ def validate_cohort(sheet: pd.DataFrame, base_dir: Path, source: str) -> pd.Data
         problems.append(f"empty path on row(s) {_rows(no_path)}")
     if "mpp" in sheet.columns:
         mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
-        bad = sheet.index[(sheet["mpp"].notna() & mpp.isna()) | (mpp <= 0) | (mpp > 50)].tolist()
+        lo, hi = MPP_PLAUSIBLE  # the range stage 1 accepts: a value outside fails here, before anything starts
+        bad = sheet.index[(sheet["mpp"].notna() & mpp.isna()) | (mpp < lo) | (mpp > hi)].tolist()
         if bad:
-            problems.append(f"mpp must be microns per pixel in (0, 50] (e.g. 0.25 or 0.5): bad on row(s) {_rows(bad)}")
+            problems.append(
+                f"mpp must be microns per pixel in [{lo}, {hi}] (e.g. 0.25 or 0.5): bad on row(s) {_rows(bad)}"
+            )
         sheet["mpp"] = mpp
     else:
         sheet["mpp"] = np.nan

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from ..errors import MissingMPPError, SlideError
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
+# Slide ids name files, folders and Snakemake jobs: this pattern everywhere (the workflow's wildcard too).
+SLIDE_ID_PATTERN = r"[A-Za-z0-9._-]+"
 # Outside this range a resolution is a metadata error (e.g. a 72 dpi default), not a microscope.
 MPP_PLAUSIBLE = (0.05, 50.0)
 # Bands of this many rows keep memory bounded when a whole level (or a flat slide) is downsampled for the mask.
@@ -71,15 +75,24 @@ class SlideInfo:
 
 
 def default_slide_id(path: str | os.PathLike[str]) -> str:
-    """File name without its extension(s), or the folder name for a DICOM folder."""
+    """A valid slide id from the file name without its extension(s) (the folder name for a DICOM folder): letters
+    other than ASCII lose their accents, and runs of other characters (spaces, brackets, ...) become one '_'."""
     p = Path(path)
-    if p.is_dir():
-        return p.name
-    name = p.name
+    name = p.name if p.is_dir() else p.stem
     for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return p.stem
+        if p.name.lower().endswith(suffix):
+            name = p.name[: -len(suffix)]
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("_") or "slide"
+
+
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why `slide_id` cannot name files and Snakemake jobs, or None when it can (the one rule for every stage)."""
+    if not slide_id:
+        return "empty slide id"
+    if not re.fullmatch(SLIDE_ID_PATTERN, slide_id):
+        return f"slide id {slide_id!r} has characters other than letters, digits, '.', '_', '-'"
+    return None
 
 
 def _resolve_path(path: Path) -> Path:

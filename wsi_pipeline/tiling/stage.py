@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import PipelineError
+from ..errors import ConfigError, PipelineError
 from ..io.atomic import remove_stale_temporaries
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
 from ..slide.fingerprint import slide_fingerprint
-from ..slide.reader import Slide, default_slide_id, open_slide
+from ..slide.reader import Slide, default_slide_id, open_slide, slide_id_problem
 from .config import TilingParams, TissueParams
 from .geometry import TileGeometry, grid_coords, plan_geometry
 from .qc import draw_qc_thumbnail, qc_mpp_for, write_png
@@ -45,6 +45,8 @@ def tile_slide(
     tiling = tiling or TilingParams()
     tissue = tissue or TissueParams()
     slide_id = slide_id or default_slide_id(path)
+    if problem := slide_id_problem(slide_id):  # it names files and jobs: refused before anything is written
+        raise ConfigError(f"{path}: {problem}; pass --slide-id {default_slide_id(slide_id)}")
     layout = ResultsLayout(results)
     started = time.perf_counter()
     sidecar = TileSidecar(
