@@ -26,7 +26,11 @@ STAINS = {
     "he": ((234, 164, 203), (92, 58, 148)),
     "he_light": ((242, 190, 218), (128, 96, 176)),
     "he_dark": ((214, 128, 178), (62, 36, 118)),
+    # fluorescence: dim TRITC-like tissue signal and bright DAPI nuclei over a dark background
+    "fluorescence": ((40, 14, 18), (24, 46, 190)),
 }
+# Background (glass) colour per stain preset; brightfield presets share BACKGROUND_RGB.
+BACKGROUNDS = {"fluorescence": (6.0, 6.0, 10.0)}
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: tuple[float, float]) -> np.ndarray:
@@ -76,7 +80,7 @@ def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: in
     grain = rng.standard_normal((s, s), np.float32)
     ws, wn = stroma_mod * (1 - alpha), nuc_mod * alpha
     tissue = cv2.merge([ws * c_s + wn * c_n + 3 * grain for c_s, c_n in zip(*STAINS[stain], strict=True)])
-    bg = cv2.merge([c + 0.8 * low + 1.5 * grain for c in BACKGROUND_RGB])
+    bg = cv2.merge([c + 0.8 * low + 1.5 * grain for c in BACKGROUNDS.get(stain, BACKGROUND_RGB)])
     return cv2.convertScaleAbs(tissue), cv2.convertScaleAbs(bg)  # rounds and saturates to uint8
 
 

@@ -46,6 +46,12 @@ class TissueParams(BaseModel):
     background_min_value: int = Field(235, ge=0, le=255, description="bright (value >= this) ...")
     background_max_saturation: int = Field(25, ge=0, le=255, description="... unsaturated pixels are glass")
     black_max_value: int = Field(40, ge=0, le=255, description="this dark is never tissue (borders)")
+    modality: Literal["auto", "brightfield", "fluorescence"] = Field(
+        "auto", description="auto: fluorescence when the slide is mostly dark with no glass, else brightfield"
+    )
+    min_intensity: int = Field(
+        20, ge=0, le=255, description="fluorescence: floor on the Otsu intensity threshold (a dark slide gives nothing)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TissueParams:

@@ -22,6 +22,9 @@ class TileSidecar(Sidecar):
     slide_fingerprint: dict[str, Any] | None = None  # slide.fingerprint: is the file still the one that was tiled?
     slide: dict[str, Any] | None = None  # SlideInfo.to_dict(): backend, vendor, dimensions, MPP and its source
     tissue_area_mm2: float | None = None
+    modality: str | None = None  # brightfield or fluorescence (tissue.modality, or detected)
+    background_rgb: list[int] | None = None  # median colour of the glass (brightfield)
+    warnings: list[str] = []  # results to check by eye (e.g. strongly coloured glass); not failures
     geometry: dict[str, Any] | None = None  # TileGeometry.to_dict()
     store: str | None = None  # relative to the results folder
     qc: dict[str, str] | None = None  # QC picture paths, relative to the results folder

@@ -23,6 +23,7 @@ from ..slide.fingerprint import slide_fingerprint
 from ..slide.reader import Slide, default_slide_id, open_slide, slide_id_problem
 from .config import TilingParams, TissueParams
 from .geometry import TileGeometry, grid_coords, plan_geometry
+from .modality import background_rgb, colour_warning, detect_modality
 from .qc import draw_qc_thumbnail, qc_mpp_for, write_png
 from .sidecar import TileSidecar
 from .table import write_tile_table
@@ -88,7 +89,13 @@ def _tile_open_slide(
     base, base_scale = slide.thumbnail_at_mpp(min(qc_mpp, tissue.mask_mpp))
     mask_img, mask_scale = _shrink_to(base, base_scale, tissue.mask_mpp / geometry.slide_mpp)
     qc_img, qc_scale = _shrink_to(base, base_scale, qc_mpp / geometry.slide_mpp)
-    mask = compute_tissue_mask(mask_img, mask_scale * geometry.slide_mpp, tissue)
+    modality = detect_modality(mask_img) if tissue.modality == "auto" else tissue.modality
+    mask = compute_tissue_mask(mask_img, mask_scale * geometry.slide_mpp, tissue, modality)
+    # Brightfield glass is near-neutral: strongly coloured glass means the colours were read wrongly.
+    glass = background_rgb(mask_img, mask.mask) if modality == "brightfield" else None
+    warnings = [w for w in (colour_warning(glass),) if w]
+    for w in warnings:
+        log.warning("%s: %s", slide_id, w)
 
     coords = grid_coords(width, height, geometry)
     fractions = _tile_fractions(mask, coords, geometry, mask_scale)
@@ -116,7 +123,10 @@ def _tile_open_slide(
         write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
         remove_stale_temporaries(store)
         attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status) | {
-            "slide_fingerprint": fingerprint
+            "slide_fingerprint": fingerprint,
+            "modality": modality,
+            "background_rgb": glass,
+            "warnings": warnings,
         }
         write_tile_table(store, coords, fractions, attrs)
         for done in pictures:
@@ -126,6 +136,9 @@ def _tile_open_slide(
         "reason": "no tissue found by the mask" if status == STATUS_NO_TISSUE else "",
         "n_tiles": int(len(coords)),
         "tissue_area_mm2": float(mask.area_mm2),
+        "modality": modality,
+        "background_rgb": list(glass) if glass else None,
+        "warnings": warnings,
         "geometry": geometry.to_dict(),
         "store": layout.rel(store),
         "qc": {

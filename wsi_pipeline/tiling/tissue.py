@@ -152,11 +152,14 @@ def _as_rgb(rgb: np.ndarray) -> np.ndarray:
 
 def saturation_channel(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
     """The blurred HSV saturation (uint8, H x W) that the threshold is applied to."""
-    sat = cv2.cvtColor(_as_rgb(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    return _blurred(cv2.cvtColor(_as_rgb(rgb), cv2.COLOR_RGB2HSV)[..., 1], mpp, params)
+
+
+def _blurred(channel: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
     k = _px(params.blur_um, mpp)
     if k >= 3:
-        sat = cv2.medianBlur(sat, k | 1)  # odd aperture; median keeps tissue edges sharp
-    return sat
+        channel = cv2.medianBlur(np.ascontiguousarray(channel), k | 1)  # odd aperture; keeps tissue edges sharp
+    return channel
 
 
 def pen_mask(hsv: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
@@ -185,28 +188,38 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(t)
 
 
-def compute_tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams | None = None) -> TissueMask:
+def compute_tissue_mask(
+    rgb: np.ndarray, mpp: float, params: TissueParams | None = None, modality: str = "brightfield"
+) -> TissueMask:
     """Tissue mask of `rgb` (uint8 H x W x 3 at `mpp` µm/px, read near `params.mask_mpp`; no resampling here
-    so the caller's level-0 scale stays exact). A blank image gives an empty mask, not an error."""
+    so the caller's level-0 scale stays exact). A blank image gives an empty mask, not an error.
+
+    Brightfield: stained tissue is saturated, glass is bright and grey. Fluorescence: tissue is signal (any
+    channel) over a dark background, so the mask thresholds intensity instead; ink and glass rules do not apply."""
     params = params or TissueParams()
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
     rgb = _as_rgb(rgb)
     if abs(mpp / params.mask_mpp - 1) > 0.5:
         log.debug("tissue mask computed at %.3f µm/px, configured mask_mpp is %.3f", mpp, params.mask_mpp)
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat = saturation_channel(rgb, mpp, params)
-
-    excluded = hsv[..., 2] <= params.black_max_value  # black borders / scanner edges
-    if params.remove_pen:
-        excluded |= pen_mask(hsv, mpp, params)
-    if params.saturation_threshold == "otsu":
-        # Ink and black borders are left out of the histogram so they cannot drag the threshold.
-        threshold = max(otsu_threshold(sat[~excluded]), float(params.min_saturation))
+    if modality == "fluorescence":
+        signal = _blurred(rgb.max(axis=2), mpp, params)
+        excluded = np.zeros(signal.shape, dtype=bool)
+        threshold = max(otsu_threshold(signal), float(params.min_intensity))
+        tissue: np.ndarray = (signal > threshold).astype(np.uint8)
     else:
-        threshold = float(params.saturation_threshold)
-    background = (hsv[..., 2] >= params.background_min_value) & (sat <= params.background_max_saturation)
-    tissue: np.ndarray = ((sat > threshold) & ~excluded & ~background).astype(np.uint8)
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+        sat = saturation_channel(rgb, mpp, params)
+        excluded = hsv[..., 2] <= params.black_max_value  # black borders / scanner edges
+        if params.remove_pen:
+            excluded |= pen_mask(hsv, mpp, params)
+        if params.saturation_threshold == "otsu":
+            # Ink and black borders are left out of the histogram so they cannot drag the threshold.
+            threshold = max(otsu_threshold(sat[~excluded]), float(params.min_saturation))
+        else:
+            threshold = float(params.saturation_threshold)
+        background = (hsv[..., 2] >= params.background_min_value) & (sat <= params.background_max_saturation)
+        tissue = ((sat > threshold) & ~excluded & ~background).astype(np.uint8)
 
     k = _px(params.close_um, mpp)
     if k >= 2:

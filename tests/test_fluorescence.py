@@ -1,0 +1,62 @@
+"""Fluorescence slides (dark background, bright signal) are detected and masked on intensity, not saturation:
+tissue that fills the slide is tiled instead of ending as "no tissue"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.layout import STATUS_NO_TISSUE, STATUS_OK
+from wsi_pipeline.slide.reader import open_slide
+from wsi_pipeline.synthetic import write_synthetic_slide
+from wsi_pipeline.tiling.modality import detect_modality
+from wsi_pipeline.tiling.stage import tile_slide
+from wsi_pipeline.tiling.tissue import compute_tissue_mask
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def fluorescence_slide(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    path = tmp_path_factory.mktemp("fl") / "fl.svs"
+    return write_synthetic_slide(path, width=4096, height=3072, mpp=0.5, fmt="svs", stain="fluorescence", seed=7)
+
+
+def test_fluorescence_is_detected_and_masked_against_the_known_regions(fluorescence_slide) -> None:  # noqa: ANN001
+    spec = fluorescence_slide
+    with open_slide(spec.path) as slide:
+        level = slide.level_count - 2
+        ds = slide.info.level_downsamples[level]
+        w, h = slide.info.level_dimensions[level]
+        img = slide.read_region((0, 0), level, (w, h))
+    assert detect_modality(img) == "fluorescence"
+    truth = spec.truth_mask(ds)
+    fl = compute_tissue_mask(img, spec.mpp * ds, modality="fluorescence")
+    assert dice(fl.mask, truth) >= 0.9
+    bf = compute_tissue_mask(img, spec.mpp * ds, modality="brightfield")
+    assert dice(bf.mask, truth) < 0.5  # what every fluorescence slide got before: tissue missed
+
+
+def test_fluorescence_slide_is_tiled_and_says_so(fluorescence_slide, tmp_path: Path) -> None:  # noqa: ANN001
+    side = tile_slide(fluorescence_slide.path, tmp_path / "results")
+    # the same scene stained H&E: the tile count a correct mask gives
+    twin = write_synthetic_slide(tmp_path / "bf.svs", width=4096, height=3072, mpp=0.5, fmt="svs", seed=7)
+    expected = tile_slide(twin.path, tmp_path / "results").n_tiles
+    assert side.status == STATUS_OK and side.modality == "fluorescence" and abs(side.n_tiles - expected) <= 2
+    assert side.background_rgb is None and side.warnings == []  # glass colour is a brightfield check
+
+    blank = write_synthetic_slide(
+        tmp_path / "dark.svs", width=2048, height=2048, mpp=0.5, stain="fluorescence", regions=()
+    )
+    dark = tile_slide(blank.path, tmp_path / "results")
+    assert dark.status == STATUS_NO_TISSUE  # a dark slide with no signal is not all tissue
+
+
+def test_brightfield_slides_stay_brightfield(cmu_slide: Path, tmp_path: Path) -> None:
+    side = tile_slide(cmu_slide, tmp_path / "results")
+    assert side.modality == "brightfield" and side.status == STATUS_OK and side.warnings == []
+    assert side.background_rgb is not None and min(side.background_rgb) > 200

@@ -1,0 +1,65 @@
+"""What kind of slide this is, judged from its low-resolution image: brightfield (bright glass, stained tissue) or
+fluorescence (dark background, bright signal), and whether a brightfield slide's glass has the colour glass has.
+
+A fluorescence slide masked like a brightfield one ends as "no tissue" although tissue fills it; a brightfield slide
+whose colours were read wrongly (YCbCr shown as RGB, a wrong colour profile) has strongly coloured glass. Both are
+measured here so that neither passes as an ordinary "ok".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+Modality = Literal["brightfield", "fluorescence"]
+
+DARK_VALUE = 50  # HSV value below this is dark: a fluorescence background, or a brightfield border
+GLASS_VALUE, GLASS_SATURATION = 220, 25  # bright and unsaturated: brightfield glass
+FLUORESCENCE_DARK_FRACTION = 0.5  # more than half the slide dark ...
+FLUORESCENCE_MAX_GLASS_FRACTION = 0.02  # ... and almost no glass: fluorescence
+MAX_GLASS_CHROMA = 20.0  # CIELAB chroma of glass; clean slides measure 1-8, old yellowed ones ~12
+MIN_GLASS_PIXELS = 0.01  # fraction of the image that must be glass for its colour to be measured
+
+
+def detect_modality(rgb: np.ndarray) -> Modality:
+    """Fluorescence when most of the image is dark and almost none of it is glass, else brightfield."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2HSV)
+    v, s = hsv[..., 2], hsv[..., 1]
+    dark = float((v < DARK_VALUE).mean())
+    glass = float(((v >= GLASS_VALUE) & (s <= GLASS_SATURATION)).mean())
+    if dark > FLUORESCENCE_DARK_FRACTION and glass < FLUORESCENCE_MAX_GLASS_FRACTION:
+        return "fluorescence"
+    return "brightfield"
+
+
+def background_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[int, int, int] | None:
+    """Median colour of the bright non-tissue pixels (the glass), or None when too little glass is visible."""
+    img = np.ascontiguousarray(rgb[..., :3])
+    v = img.max(axis=2)
+    glass = ~tissue & (v >= 100)  # leave out black borders and ink
+    if glass.mean() < MIN_GLASS_PIXELS:
+        return None
+    med = np.median(img[glass], axis=0)
+    return (int(med[0]), int(med[1]), int(med[2]))
+
+
+def glass_chroma(colour: tuple[int, int, int]) -> float:
+    """CIELAB chroma (distance from grey) of one RGB colour."""
+    lab = cv2.cvtColor(np.array([[colour]], dtype=np.uint8), cv2.COLOR_RGB2LAB)[0, 0].astype(float)
+    return float(np.hypot(lab[1] - 128.0, lab[2] - 128.0))
+
+
+def colour_warning(colour: tuple[int, int, int] | None) -> str | None:
+    """A one-line warning when brightfield glass is strongly coloured, else None."""
+    if colour is None:
+        return None
+    chroma = glass_chroma(colour)
+    if chroma <= MAX_GLASS_CHROMA:
+        return None
+    return (
+        f"background colour RGB {colour} is far from neutral glass (chroma {chroma:.0f} > {MAX_GLASS_CHROMA:.0f}): "
+        "colours may be read wrongly (channels swapped, YCbCr shown as RGB, a wrong colour profile); check the "
+        "QC thumbnail before trusting this slide's features"
+    )
