@@ -60,3 +60,20 @@ def test_brightfield_slides_stay_brightfield(cmu_slide: Path, tmp_path: Path) ->
     side = tile_slide(cmu_slide, tmp_path / "results")
     assert side.modality == "brightfield" and side.status == STATUS_OK and side.warnings == []
     assert side.background_rgb is not None and min(side.background_rgb) > 200
+
+
+def test_strongly_coloured_glass_is_flagged_not_passed_as_ok(tmp_path: Path) -> None:
+    """YCbCr values shown as RGB (one of the ways colours are read wrongly): glass reads about (240, 128, 128)."""
+    import cv2
+    import tifffile
+
+    src = write_synthetic_slide(tmp_path / "src.svs", width=2048, height=2048, mpp=0.5, fmt="svs", seed=4)
+    rgb = tifffile.imread(src.path, level=0)
+    wrong = np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]])  # Y, Cb, Cr as R, G, B
+    tifffile.imwrite(tmp_path / "wrong.tiff", wrong, tile=(256, 256), photometric="rgb", compression="zlib")
+    side = tile_slide(tmp_path / "wrong.tiff", tmp_path / "results", mpp=0.5)
+    assert side.modality == "brightfield" and side.background_rgb is not None
+    assert side.background_rgb[1] < 160 and side.background_rgb[2] < 160  # the measured colour is recorded
+    assert len(side.warnings) == 1 and "far from neutral glass" in side.warnings[0]
+    good = tile_slide(src.path, tmp_path / "results")
+    assert good.warnings == []  # the same slide with its colours right
