@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..encoders import TileEncoder, check_finite
 from ..errors import FeatureError, PipelineError, SlideError
+from ..progress import Progress
 from ..slide.fingerprint import check_same_slide
 from ..slide.reader import Slide, open_slide
 from ..tiling.geometry import TileGeometry, read_tile
@@ -223,7 +224,7 @@ def encode_rows(
     loader = make_loader(dataset, num_workers=num_workers, device=enc.device, prefetch_factor=prefetch_factor)
     pending = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), Progress(dataset.stop - dataset.start, context or "encode") as progress:
             for tiles, row, error in loader:
                 if error:
                     raise SlideError(error)
@@ -231,9 +232,11 @@ def encode_rows(
                 nxt = (*_to_host(emb), int(row))
                 if pending is not None:
                     _consume(pending, writer, dtype, context)
+                    progress.advance(len(pending[0]))
                 pending = nxt
             if pending is not None:
                 _consume(pending, writer, dtype, context)
+                progress.advance(len(pending[0]))
     finally:
         dataset.close()
     writer.close()
