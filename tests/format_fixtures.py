@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -69,6 +69,13 @@ def _jpeg_422(img: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return imagecodecs.jpeg8_encode(img, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 1))
 
 
+def _jpeg_420_jfif(img: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """Baseline JPEG as any image library writes an RGB picture by default: a JFIF APP0 marker and 4:2:0 YCbCr."""
+    data = imagecodecs.jpeg8_encode(img, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2))
+    assert data[2:4] == b"\xff\xe0" and data[6:11] == b"JFIF\0", "the encoder no longer writes a JFIF marker"
+    return data
+
+
 # -- DICOM WSI --------------------------------------------------------------------------------------------------
 
 
@@ -94,8 +101,11 @@ def _wsi_dataset(
     n_frames: int,
     spacing_mm: float | None,
     instance: int,
+    photometric: str = "YBR_FULL_422",
 ):
-    """One instance of the VL Whole Slide Microscopy Image IOD (TILED_FULL), without its pixel data."""
+    """One instance of the VL Whole Slide Microscopy Image IOD (TILED_FULL), without its pixel data.
+
+    `photometric` is what the header claims the JPEG frames hold (YBR_FULL_422 unless a test writes a wrong one)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
@@ -136,7 +146,7 @@ def _wsi_dataset(
     ds.SpecimenDescriptionSequence = Sequence([specimen])
     # image pixel module: 8-bit YCbCr JPEG frames
     ds.ImageType = image_type
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.Rows, ds.Columns, ds.NumberOfFrames = tile[1], tile[0], n_frames
     ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = size[0], size[1], 1
@@ -181,21 +191,30 @@ def _save_with_frames(ds, frames: list[bytes], path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_dicom_wsi(src: SourcePixels, folder: Path, *, tile: int = 256, associated: bool = True) -> list[Path]:
+def write_dicom_wsi(
+    src: SourcePixels,
+    folder: Path,
+    *,
+    tile: int = 256,
+    associated: bool = True,
+    photometric: str = "YBR_FULL_422",
+    encode: Callable[[np.ndarray], bytes] = _jpeg_422,
+) -> list[Path]:
     """Write `src` as one DICOM WSI series in `folder`: one .dcm per pyramid level, plus label and overview.
 
-    The pyramid's pixel spacing is the source MPP times each level's downsample (PixelSpacing is in mm)."""
+    The pyramid's pixel spacing is the source MPP times each level's downsample (PixelSpacing is in mm). Every
+    frame is `encode`d and every instance's header says `photometric` (the defaults agree: 4:2:2 YCbCr frames)."""
     from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     uids = {k: generate_uid() for k in ("study", "series", "frame", "dimension", "specimen")}
     written = []
     for i, (img, ds_factor) in enumerate(zip(src.levels, src.spec.level_downsamples, strict=True)):
-        frames = [_jpeg_422(t) for t in _tiles(img, tile)]
+        frames = [encode(t) for t in _tiles(img, tile)]
         image_type = ["DERIVED", "PRIMARY", "VOLUME", "NONE" if i == 0 else "RESAMPLED"]
         spacing = src.spec.mpp * ds_factor / 1000 if src.spec.mpp else None
         ds = _wsi_dataset(
-            src, uids, image_type, (img.shape[1], img.shape[0]), (tile, tile), len(frames), spacing, i + 1
+            src, uids, image_type, (img.shape[1], img.shape[0]), (tile, tile), len(frames), spacing, i + 1, photometric
         )
         path = folder / f"level-{i}.dcm"
         _save_with_frames(ds, frames, path)
@@ -205,12 +224,29 @@ def write_dicom_wsi(src: SourcePixels, folder: Path, *, tile: int = 256, associa
             size = (img.shape[1], img.shape[0])
             # a single frame as large as the image: how OpenSlide and wsidicom expect non-tiled images
             ds = _wsi_dataset(
-                src, uids, ["DERIVED", "PRIMARY", kind, "NONE"], size, size, 1, None, len(src.levels) + n + 1
+                src,
+                uids,
+                ["DERIVED", "PRIMARY", kind, "NONE"],
+                size,
+                size,
+                1,
+                None,
+                len(src.levels) + n + 1,
+                photometric,
             )
             path = folder / f"{kind.lower()}.dcm"
-            _save_with_frames(ds, [_jpeg_422(img)], path)
+            _save_with_frames(ds, [encode(img)], path)
             written.append(path)
     return written
+
+
+def write_mislabelled_rgb_dicom_wsi(
+    src: SourcePixels, folder: Path, *, tile: int = 256, associated: bool = True
+) -> list[Path]:
+    """`write_dicom_wsi` as some converters get it wrong: every frame (label and overview too) is a JFIF JPEG holding
+    4:2:0 YCbCr, but every header says PhotometricInterpretation RGB. OpenSlide and wsidicom trust the header and
+    hand the YCbCr values back as RGB (a white background reads ~(242, 128, 128))."""
+    return write_dicom_wsi(src, folder, tile=tile, associated=associated, photometric="RGB", encode=_jpeg_420_jfif)
 
 
 # -- Philips TIFF -----------------------------------------------------------------------------------------------

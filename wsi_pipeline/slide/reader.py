@@ -12,7 +12,7 @@ import os
 import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from ..errors import MissingMPPError, SlideError
+from .dicom import ColourCorrection, find_mislabelled_ycbcr, ycbcr_to_rgb
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
@@ -58,6 +59,9 @@ class SlideInfo:
     associated_images: tuple[str, ...]
     file_size: int
     mtime: float
+    # What the reader does to the backend's pixels to make them right, e.g. "ycbcr-to-rgb: ..." for DICOM frames
+    # whose header says RGB over YCbCr JPEG data; None when the pixels are used as decoded.
+    colour_correction: str | None = None
     properties: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -140,6 +144,13 @@ class Slide:
         self.path = path
         self._opened_path = opened_path
         self.info = self._read_info(mpp)
+        self._colour: ColourCorrection | None = None
+        if backend == "openslide" and self.info.vendor == "dicom":
+            # OpenSlide trusts PhotometricInterpretation; a converter that wrote RGB over YCbCr JPEG frames would
+            # otherwise give cyan tissue, a wrong mask and wrong features with status ok
+            self._colour = find_mislabelled_ycbcr(opened_path, self.info.properties, self.info.level_dimensions)
+            if self._colour is not None:
+                self.info = replace(self.info, colour_correction=self._colour.description)
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def _read_info(self, mpp_override: float | None) -> SlideInfo:
@@ -222,6 +233,8 @@ class Slide:
                 f"({_first_line(err)}); the file may be truncated or corrupt, copy it again"
             ) from err
         arr = np.asarray(img)
+        if self._colour is not None and level in self._colour.levels and arr.ndim == 3:
+            arr = ycbcr_to_rgb(arr)  # before compositing: the white put under transparent pixels is RGB white
         if arr.ndim == 3 and arr.shape[2] == 4:
             alpha = arr[..., 3]
             rgb = arr[..., :3]
@@ -297,8 +310,10 @@ class Slide:
         return img, level0_per_px
 
     def associated_image(self, name: str) -> np.ndarray:
-        img = self._handle.associated_images[name]
-        return np.asarray(img.convert("RGB"))
+        img = np.asarray(self._handle.associated_images[name].convert("RGB"))
+        if self._colour is not None and name in self._colour.associated:
+            return ycbcr_to_rgb(img)
+        return img
 
     def close(self) -> None:
         close = getattr(self._handle, "close", None)

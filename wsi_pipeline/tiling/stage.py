@@ -208,6 +208,7 @@ def _store_attrs(
         "vendor": info.vendor,
         "slide_file_size": info.file_size,
         "slide_mtime": info.mtime,
+        "colour_correction": info.colour_correction,  # e.g. YCbCr frames under an RGB header, converted
         "tissue_area_mm2": float(mask.area_mm2),
         "tissue_params": tissue.model_dump(),
         "mask_threshold": float(mask.threshold),
