@@ -17,7 +17,8 @@ from tiny_models import make_tiny_timm
 
 from wsi_pipeline.devices import acquire_gpu
 from wsi_pipeline.encode.engine import encode_slide
-from wsi_pipeline.encode.sharding import encode_slides, lpt_assign, plan_shards, split_rows
+from wsi_pipeline.encode.plan import lpt_assign, plan_shards, split_rows
+from wsi_pipeline.encode.sharding import encode_slides
 from wsi_pipeline.encode.store import StoreLayout
 from wsi_pipeline.encoders import EncoderConfig
 from wsi_pipeline.errors import PipelineError
@@ -162,7 +163,8 @@ def test_split_parts_are_resumable_and_merge_to_the_unsplit_store(tmp_path: Path
 
     from wsi_pipeline.encode.config import EncodeParams
     from wsi_pipeline.encode.engine import EncoderHandle
-    from wsi_pipeline.encode.sharding import Task, encode_part, merge_parts, part_path
+    from wsi_pipeline.encode.parts import encode_part, merge_parts, part_path
+    from wsi_pipeline.encode.plan import Task
 
     stain, layout = EncoderConfig(name="stain-texture"), StoreLayout(4, 8)
     results = tiled_synthetic(tmp_path, "s", seed=5)

@@ -77,3 +77,21 @@ def test_strongly_coloured_glass_is_flagged_not_passed_as_ok(tmp_path: Path) -> 
     assert len(side.warnings) == 1 and "far from neutral glass" in side.warnings[0]
     good = tile_slide(src.path, tmp_path / "results")
     assert good.warnings == []  # the same slide with its colours right
+
+
+def test_fluorescence_through_a_brightfield_encoder_is_warned_about_in_the_report(
+    fluorescence_slide,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    from wsi_pipeline.encode.engine import encode_slide
+    from wsi_pipeline.encoders import EncoderConfig
+    from wsi_pipeline.report.report import build_report, failure_summary
+
+    results = tmp_path / "results"
+    tile_slide(fluorescence_slide.path, results, slide_id="fl")
+    side = encode_slide(results, "fl", EncoderConfig(name="stain-texture"), device="cpu")
+    assert side.status == STATUS_OK and any("brightfield" in w for w in side.warnings)
+    table = build_report(sorted((results / "tiles").glob("*.json")), results, encoder="stain-texture")
+    row = table.set_index("slide_id").loc["fl"]
+    assert row["modality"] == "fluorescence" and "brightfield" in row["warnings"]
+    assert "CHECK fl:" in failure_summary(table)

@@ -97,11 +97,18 @@ def config_json_schema() -> dict[str, Any]:
 
 def write_run_config(cfg: PipelineConfig | dict[str, Any], path: Path) -> Path:
     """Write the effective config (after all overrides) for the jobs to read; untouched when unchanged so that
-    Snakemake sees no newer input."""
+    Snakemake sees no newer input, and a dry run over finished results on a read-only share writes nothing. A
+    write that is needed but impossible (read-only, full, a file in the way) is one `ConfigError` line."""
     from .io.atomic import write_bytes_atomic
+    from .io.faults import describe_os_error
 
     data = cfg.model_dump(mode="json") if isinstance(cfg, PipelineConfig) else cfg
     text = yaml.safe_dump(data, sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        write_bytes_atomic(path, text.encode())
+    try:
+        if not path.is_file() or path.read_text() != text:
+            write_bytes_atomic(path, text.encode())
+    except OSError as err:
+        raise ConfigError(
+            describe_os_error(err, path.parent, elsewhere="set results: in the config to another folder")
+        ) from None
     return path

@@ -47,6 +47,9 @@ class ResultsLayout:
     def tile_sidecar(self, slide_id: str) -> Path:
         return self.tiles_dir / f"{slide_id}.json"
 
+    def tile_lock(self, slide_id: str) -> Path:
+        return self.tiles_dir / ".locks" / f"{slide_id}.lock"
+
     def qc_dir(self, slide_id: str) -> Path:
         return self.root / "qc" / slide_id
 

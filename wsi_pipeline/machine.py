@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: SLURM's allocation, taskset, a container's cpuset), not the
+    machine's count: what worker pools are sized by."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

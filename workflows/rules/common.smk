@@ -1,5 +1,6 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ RESULTS = Path(CFG.results)
 PATHS = ResultsLayout(RESULTS)  # every results path: wsi_pipeline/layout.py
 # Shell jobs run the CLI with the interpreter running Snakemake (the project's venv), whatever PATH says.
 WSI = f"{sys.executable} -m wsi_pipeline"
+# Jobs watch this process and stop when it is gone (kill -9 of Snakemake must not leave them running): an
+# environment variable, not part of the command, so the rules' code stays the same from run to run.
+os.environ["WSI_PARENT_PID"] = str(os.getpid())
 
 
 def wsi_command(args):

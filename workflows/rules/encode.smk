@@ -18,7 +18,7 @@ rule encode:
         shards=CFG.encode.jobs,
     log:
         RESULTS / "logs" / "encode" / "{shard}.log",
-    threads: CFG.encode.num_workers + 1
+    threads: (4 if CFG.encode.num_workers == "auto" else CFG.encode.num_workers) + 1  # auto: at most 4 readers
     resources:
         gpu=CFG.encode.gpus_per_job if USE_GPU else 0,
         mem_mb=16000,

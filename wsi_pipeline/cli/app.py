@@ -16,9 +16,14 @@ app = typer.Typer(
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    from ..jobguard import guard_parent
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # progress of long work (tiles encoded, rate, time left) is shown even when other logging is quiet
+    logging.getLogger("wsi_pipeline.progress").setLevel(logging.INFO)
+    guard_parent()  # a workflow job ends when the Snakemake process that started it is killed
 
 
 def exit_with_error(err: Exception | str) -> NoReturn:

@@ -36,6 +36,7 @@ def encode(
     from ..devices import job_devices
     from ..encode.engine import encode_slide
     from ..errors import PipelineError
+    from ..io.faults import describe_os_error
     from ..layout import STATUS_FAILED
     from ..slide.reader import default_slide_id
 
@@ -54,6 +55,8 @@ def encode(
             result = encode_slide(out, slide_id, enc_cfg, params, device=devices[0], force=force)
     except (PipelineError, ValueError) as err:
         exit_with_error(err)
+    except OSError as err:  # a write the slide's sidecar could not record (see encode_whole_slide)
+        exit_with_error(describe_os_error(err, out))
     if result.status == STATUS_FAILED and not record_failures:
         exit_with_error(result.reason)
     rate = f", {result.tiles_per_s} tiles/s" if result.tiles_per_s else ""
@@ -74,8 +77,10 @@ def encode_shard(
     from ..config import load_config
     from ..encode.jobs import run_encode_shard
     from ..errors import PipelineError
+    from ..io.faults import describe_os_error
     from ..layout import ResultsLayout
 
+    results: Path | None = None
     try:
         if not 0 <= shard < shards:
             raise PipelineError(f"--shard {shard} is outside 0..{shards - 1}; pass --shard in range of --shards")
@@ -85,6 +90,8 @@ def encode_shard(
         summary = run_encode_shard(results, list(cfg.cohort().index), cfg.encoder, cfg.encode, shard, shards, out)
     except PipelineError as err:
         exit_with_error(err)
+    except OSError as err:  # disk full or read-only where the summary or a sidecar goes
+        exit_with_error(describe_os_error(err, results, elsewhere="set results: in the config to another folder"))
     statuses = [s["status"] for s in summary["slides"].values()]
     typer.echo(
         f"shard {shard}/{shards}: {len(statuses)} slides on {','.join(summary['devices'])}: "

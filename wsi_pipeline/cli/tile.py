@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .app import app, exit_with_error
+
+if TYPE_CHECKING:
+    from ..layout import ResultsLayout
+    from ..tiling.config import TilingParams, TissueParams
+    from ..tiling.sidecar import TileSidecar
 
 
 @app.command()
@@ -26,20 +31,94 @@ def tile(
     """Tile one slide: tissue mask, tile grid, Zarr tile store, QC pictures."""
     from ..config import load_config
     from ..errors import PipelineError
+    from ..io.faults import TILE_NEED, TILE_OUTPUT_BYTES, describe_os_error
     from ..layout import STATUS_FAILED
-    from ..tiling.stage import tile_slide
+    from ..slide.reader import default_slide_id
 
     try:
         cfg = load_config(config)
         overrides = {k: v for k, v in {"tile_px": tile_px, "target_mpp": target_mpp}.items() if v is not None}
         tiling = type(cfg.tiling).model_validate({**cfg.tiling.model_dump(), **overrides})
-        result = tile_slide(
-            slide, out, slide_id=slide_id, mpp=mpp, backend=cfg.backend, tiling=tiling, tissue=cfg.tissue
-        )
+        sid = slide_id or default_slide_id(slide)
+        result = tile_under_lock(slide, out, sid, mpp, cfg.backend, tiling, cfg.tissue)
     except PipelineError as err:
         exit_with_error(err)
     except ValueError as err:  # pydantic validation of the overrides
         exit_with_error(f"invalid option: {err}")
+    except OSError as err:  # the slide lock could not be taken: nothing was written
+        exit_with_error(describe_os_error(err, out, need_bytes=TILE_OUTPUT_BYTES, need_what=TILE_NEED))
     if result.status == STATUS_FAILED and not record_failures:
         exit_with_error(result.reason)
     typer.echo(f"{result.slide_id}: {result.status}, {result.n_tiles} tiles")
+
+
+def tile_under_lock(
+    slide: Path,
+    out: Path,
+    slide_id: str,
+    mpp: float | None,
+    backend: str,
+    tiling: TilingParams,
+    tissue: TissueParams,
+) -> TileSidecar:
+    """Stage 1 for one slide holding `tiles/.locks/{slide_id}.lock`: two commands tiling one slide into one results
+    folder take turns and both end with the same complete outputs. A disk fault (full, read-only, a file in the way)
+    fails the slide with one line in its sidecar; when that cannot be written either, `StorageError` says the line.
+    No temporary of the slide is left: under the lock none of them has a live writer."""
+    from ..io.faults import TILE_NEED, TILE_OUTPUT_BYTES, StorageError, describe_os_error
+    from ..io.locks import file_lock
+    from ..layout import ResultsLayout
+    from ..slide.reader import slide_id_problem
+    from ..tiling.stage import tile_slide
+
+    layout = ResultsLayout(out)
+    if slide_id_problem(slide_id):  # it would name the lock file: tile_slide refuses it before writing anything
+        return tile_slide(slide, out, slide_id=slide_id, mpp=mpp, backend=backend, tiling=tiling, tissue=tissue)
+    with file_lock(layout.tile_lock(slide_id)):
+        try:
+            return tile_slide(slide, out, slide_id=slide_id, mpp=mpp, backend=backend, tiling=tiling, tissue=tissue)
+        except OSError as err:
+            reason = describe_os_error(err, out, need_bytes=TILE_OUTPUT_BYTES, need_what=TILE_NEED)
+            _remove_temporaries(layout, slide_id)  # frees what the failed writes took, for the sidecar
+            try:
+                return _failed_sidecar(layout, slide, slide_id, mpp, tiling, tissue, reason)
+            except OSError:
+                raise StorageError(reason) from None
+        finally:
+            _remove_temporaries(layout, slide_id)
+
+
+def _remove_temporaries(layout: ResultsLayout, slide_id: str) -> None:
+    from ..io.atomic import remove_stale_temporaries, remove_stale_temporaries_in
+
+    remove_stale_temporaries_in(layout.qc_dir(slide_id), own=True)
+    for path in (layout.tile_store(slide_id), layout.tile_sidecar(slide_id)):
+        remove_stale_temporaries(path, own=True)
+
+
+def _failed_sidecar(
+    layout: ResultsLayout,
+    slide: Path,
+    slide_id: str,
+    mpp: float | None,
+    tiling: TilingParams,
+    tissue: TissueParams,
+    reason: str,
+) -> TileSidecar:
+    """Record a slide that stage 1 could not write (what `tile_slide` records for a bad slide)."""
+    from .. import __version__
+    from ..layout import STATUS_FAILED
+    from ..tiling.sidecar import TileSidecar
+
+    side = TileSidecar(
+        slide_id=slide_id,
+        path=str(slide),
+        package_version=__version__,
+        tiling=tiling.model_dump(),
+        tissue_params=tissue.model_dump(),
+        mpp_override=mpp,
+        status=STATUS_FAILED,
+        reason=reason,
+    )
+    side.write(layout.tile_sidecar(slide_id))
+    return side

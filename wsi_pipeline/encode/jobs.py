@@ -19,7 +19,8 @@ from ..encoders import EncoderConfig
 from ..io.jsonio import write_json_atomic
 from ..layout import STATUS_OK, ResultsLayout
 from .config import EncodeParams
-from .sharding import encode_slides, lpt_assign
+from .plan import lpt_assign
+from .sharding import encode_slides
 
 
 def tile_counts(results: Path, slide_ids: Sequence[str]) -> dict[str, int]:

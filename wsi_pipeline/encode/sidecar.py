@@ -28,6 +28,7 @@ class EncodeSidecar(Sidecar):
     parts: int | None = None  # row ranges the slide was split into across devices
     seconds: float | None = None  # model loading excluded
     tiles_per_s: float | None = None
+    warnings: list[str] = []  # results to check by eye (e.g. a brightfield encoder on a fluorescence slide)
 
     def finish(self, seconds: float, path: str | os.PathLike[str]) -> EncodeSidecar:
         """Record the time and throughput, then write the sidecar to `path`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -15,8 +16,7 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterato
 
     A killed run never blocks the next: its lock goes with its process."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -29,3 +29,15 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterato
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor; an existing lock file in a folder we may not write (a finished cohort on a
+    read-only share) is opened read-only: flock needs no write access, so readers still exclude each other."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
+            raise
+        return os.open(path, os.O_RDONLY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..io.atomic import write_bytes_atomic
+from ..io.faults import describe_os_error
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
+
+log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = [
     "slide_id",
@@ -26,12 +30,14 @@ REPORT_COLUMNS = [
     "mpp_source",
     "width",
     "height",
+    "modality",
     "tissue_area_mm2",
     "n_tiles",
     "seconds",
     "encode_status",
     "encode_reason",
     "encode_tiles_per_s",
+    "warnings",
     "thumbnail",
     "path",
 ]
@@ -52,24 +58,35 @@ def report_row(sidecar: dict[str, Any], encode: dict[str, Any] | None = None) ->
         "mpp_source": info.get("mpp_source"),
         "width": dims[0],
         "height": dims[1],
+        "modality": sidecar.get("modality"),
         "tissue_area_mm2": sidecar.get("tissue_area_mm2"),
         "n_tiles": sidecar.get("n_tiles", 0),
         "seconds": sidecar.get("seconds"),
         "encode_status": encode.get("status"),
         "encode_reason": encode.get("reason") or "",
         "encode_tiles_per_s": encode.get("tiles_per_s"),
+        "warnings": "; ".join([*(sidecar.get("warnings") or []), *(encode.get("warnings") or [])]),
         "thumbnail": (sidecar.get("qc") or {}).get("thumbnail"),
         "path": sidecar.get("path"),
     }
 
 
 def build_report(
-    sidecars: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str], encoder: str | None = None
+    sidecars: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    encoder: str | None = None,
+    *,
+    results: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
-    """Write `report.csv` and `report.html` into `out_dir` (the results folder) from the tiling sidecars and, with
-    `encoder`, the encode sidecars `features/{encoder}/{slide_id}.json`; returns the table."""
+    """Write `report.csv` and `report.html` into `out_dir` from the tiling sidecars and, with `encoder`, the encode
+    sidecars `features/{encoder}/{slide_id}.json` of `results` (default: `out_dir`, the results folder); returns
+    the table.
+
+    Reading needs no write access: when `out_dir` cannot be written (a finished cohort on a read-only share, a
+    full disk) the table is still returned, one warning line says why the files were not written, and
+    `table.attrs["not_written"]` holds that line."""
     out_dir = Path(out_dir)
-    layout = ResultsLayout(out_dir)
+    layout = ResultsLayout(results if results is not None else out_dir)
     rows = []
     for p in sidecars:
         tiles = json.loads(Path(p).read_text())
@@ -77,8 +94,14 @@ def build_report(
         enc = json.loads(enc_path.read_text()) if enc_path is not None and enc_path.exists() else None
         rows.append(report_row(tiles, enc))
     table = pd.DataFrame(rows, columns=REPORT_COLUMNS)
-    write_bytes_atomic(layout.report_csv, table.to_csv(index=False).encode())
-    write_bytes_atomic(layout.report_html, _html(table, out_dir).encode())
+    out = ResultsLayout(out_dir)
+    try:
+        write_bytes_atomic(out.report_csv, table.to_csv(index=False).encode())
+        write_bytes_atomic(out.report_html, _html(table, layout.root, out_dir).encode())
+    except OSError as err:
+        why = describe_os_error(err, out_dir, elsewhere="build the report from a writable copy of the folder")
+        table.attrs["not_written"] = f"report.csv and report.html not written: {why}"
+        log.warning("%s", table.attrs["not_written"])
     return table
 
 
@@ -90,10 +113,13 @@ def failure_summary(table: pd.DataFrame) -> str:
         lines.append(f"  FAILED {row['slide_id']}: {row['reason']}")
     for _, row in table[table["encode_status"] == STATUS_FAILED].iterrows():
         lines.append(f"  ENCODE FAILED {row['slide_id']}: {row['encode_reason']}")
+    if "warnings" in table:  # results to check by eye: not failures, never silent either
+        for _, row in table[table["warnings"].fillna("").astype(str) != ""].iterrows():
+            lines.append(f"  CHECK {row['slide_id']}: {row['warnings']}")
     return "\n".join(lines)
 
 
-def _html(table: pd.DataFrame, out_dir: Path) -> str:
+def _html(table: pd.DataFrame, results: Path, out_dir: Path) -> str:
     colours = {STATUS_OK: "#e6f4ea", STATUS_NO_TISSUE: "#fff8e1", STATUS_FAILED: "#fdecea"}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in REPORT_COLUMNS if c != "path")
     body = []
@@ -104,7 +130,8 @@ def _html(table: pd.DataFrame, out_dir: Path) -> str:
                 continue
             value = row[col]
             if col == "thumbnail" and isinstance(value, str) and value:
-                rel = os.path.relpath(value, out_dir) if os.path.isabs(value) else value
+                # sidecars give the thumbnail relative to the results folder; the page may live elsewhere
+                rel = os.path.relpath(value if os.path.isabs(value) else results / value, out_dir)
                 cells.append(f'<td><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" height="120"></a></td>')
                 continue
             if isinstance(value, float):

@@ -28,7 +28,7 @@ def stat_stamp(path: str | os.PathLike[str]) -> dict[str, int]:
     """What changes whenever a file (or any instance of a DICOM folder) is rewritten or replaced."""
     p = Path(path)
     files = _files(p)
-    stats = [f.stat() for f in files]
+    stats = [f.stat() for f in files] or [p.stat()]  # an empty folder: its own stat (it fails to open anyway)
     return {
         "size": sum(s.st_size for s in stats),
         "mtime_ns": max(s.st_mtime_ns for s in stats),

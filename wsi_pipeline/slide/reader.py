@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from ..errors import MissingMPPError, SlideError
+from ..machine import usable_cpus
 from .dicom import ColourCorrection, find_mislabelled_ycbcr, ycbcr_to_rgb
 
 Backend = Literal["auto", "openslide", "tiffslide"]
@@ -32,14 +33,6 @@ MPP_PLAUSIBLE = (0.05, 50.0)
 BAND_ROWS = 4096
 # Rows per strip when a large area is decoded on several threads.
 STRIP_ROWS = 512
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: SLURM's allocation, taskset), not the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, PipelineError
 from ..io.atomic import remove_stale_temporaries
+from ..io.faults import TILE_NEED, TILE_OUTPUT_BYTES, StorageError, describe_os_error
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
 from ..slide.fingerprint import slide_fingerprint
 from ..slide.reader import Slide, default_slide_id, open_slide, slide_id_problem
@@ -50,6 +51,7 @@ def tile_slide(
         raise ConfigError(f"{path}: {problem}; pass --slide-id {default_slide_id(slide_id)}")
     layout = ResultsLayout(results)
     started = time.perf_counter()
+    disk_fault: str | None = None
     sidecar = TileSidecar(
         slide_id=slide_id,
         path=str(path),
@@ -69,8 +71,15 @@ def tile_slide(
     except PipelineError as err:
         sidecar.status, sidecar.reason, sidecar.n_tiles = STATUS_FAILED, str(err), 0
         log.info("%s: failed: %s", slide_id, err)
+    except OSError as err:  # disk full, read-only, a file in the way: recorded like a bad slide, the cohort goes on
+        disk_fault = describe_os_error(err, results, need_bytes=TILE_OUTPUT_BYTES, need_what=TILE_NEED)
+        sidecar.status, sidecar.reason, sidecar.n_tiles = STATUS_FAILED, disk_fault, 0
+        log.info("%s: failed: %s", slide_id, disk_fault)
     sidecar.seconds = round(time.perf_counter() - started, 3)
-    sidecar.write(layout.tile_sidecar(slide_id))
+    try:
+        sidecar.write(layout.tile_sidecar(slide_id))
+    except OSError as err:  # not even the sidecar can be written: the one line goes to the caller
+        raise StorageError(disk_fault or describe_os_error(err, results)) from None
     return sidecar
 
 

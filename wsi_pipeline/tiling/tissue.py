@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..io.atomic import write_bytes_atomic
 from .config import TissueParams
 
 log = logging.getLogger(__name__)
@@ -354,9 +355,7 @@ def write_mask_png(mask: TissueMask, path: str | os.PathLike[str]) -> Path:
     ok, buf = cv2.imencode(".png", mask.mask.astype(np.uint8) * 255)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.tobytes())
     return path
 
 
@@ -364,9 +363,7 @@ def write_geojson(mask: TissueMask, path: str | os.PathLike[str], level0_scale: 
     """Tissue contours as a GeoJSON FeatureCollection in level-0 pixels (QuPath: File > Import objects)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(mask.to_geojson(level0_scale, slide_id)))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(mask.to_geojson(level0_scale, slide_id)).encode())
     return path
 
 
