@@ -21,8 +21,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zarr
+if TYPE_CHECKING:
+    import zarr
 
 TMP_MARK = ".tmp-"
 LEGACY_TMP_SUFFIX = ".tmp"  # fixed temporary names of older writers: no writer in the name
@@ -161,6 +163,8 @@ def atomic_group(final_path: str | os.PathLike[str], overwrite: bool = True) -> 
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(final_path)
     try:
+        import zarr  # here: a tile job imports it while its slide decodes (tiling/stage.py)
+
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         yield group
         publish(tmp, final_path, overwrite)

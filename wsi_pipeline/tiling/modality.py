@@ -36,7 +36,8 @@ def detect_modality(rgb: np.ndarray) -> Modality:
 
 def background_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[int, int, int] | None:
     """Median colour of the bright non-tissue pixels (the glass), or None when too little glass is visible."""
-    img = np.ascontiguousarray(rgb[..., :3])
+    img = np.ascontiguousarray(rgb[::4, ::4, :3])  # every 16th pixel: plenty for a median, 16x less work
+    tissue = tissue[::4, ::4]
     v = img.max(axis=2)
     glass = ~tissue & (v >= 100)  # leave out black borders and ink
     if glass.mean() < MIN_GLASS_PIXELS:

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
 from ..io.atomic import atomic_group, row_chunks
 from ..io.jsonio import to_jsonable
-from ..io.zarr_access import read_array
 
 
 @dataclass
@@ -43,6 +41,10 @@ def write_tile_table(
 
 
 def read_tile_table(path: str | os.PathLike[str]) -> TileTable:
+    import zarr
+
+    from ..io.zarr_access import read_array
+
     g = zarr.open_group(str(path), mode="r")
     return TileTable(
         coords=read_array(g, "coords"), tissue_fraction=read_array(g, "tissue_fraction"), attrs=dict(g.attrs)
@@ -53,6 +55,8 @@ def read_tile_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The attributes of a tile store, or None when there is no store at `path`."""
     if not os.path.isfile(os.path.join(path, "zarr.json")):
         return None
+    import zarr
+
     return dict(zarr.open_group(str(path), mode="r").attrs)
 
 
