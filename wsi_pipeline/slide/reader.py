@@ -7,10 +7,12 @@ Every failure is a `SlideError` whose one-line message names the file and the fi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -297,10 +299,26 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         level_ds = self.info.level_downsamples[level]
         scale = level_ds / downsample
-        img = self.read_level_scaled(level, scale)
+        with self._uncached():
+            img = self.read_level_scaled(level, scale)
         # level-0 pixels per output pixel, from the exact output size (rounding makes it differ from `downsample`)
         level0_per_px = self.info.dimensions[0] / img.shape[1]
         return img, level0_per_px
+
+    @contextlib.contextmanager
+    def _uncached(self) -> Iterator[None]:
+        """No tile cache while a whole level is read once (it would only hold ~50 MB); then a fresh default one."""
+        set_cache = getattr(self._handle, "set_cache", None)
+        if self.backend != "openslide" or set_cache is None:
+            yield
+            return
+        from openslide import OpenSlideCache
+
+        set_cache(OpenSlideCache(0))
+        try:
+            yield
+        finally:
+            set_cache(OpenSlideCache(32 << 20))  # OpenSlide's default capacity
 
     def associated_image(self, name: str) -> np.ndarray:
         img = np.asarray(self._handle.associated_images[name].convert("RGB"))
@@ -309,8 +327,7 @@ class Slide:
         return img
 
     def close(self) -> None:
-        close = getattr(self._handle, "close", None)
-        if close is not None:
+        if (close := getattr(self._handle, "close", None)) is not None:
             close()
 
     def __enter__(self) -> Slide:
