@@ -33,3 +33,18 @@ def test_run_config_is_rewritten_only_when_it_changes(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == mtime
     write_run_config({"a": 2}, path)
     assert "a: 2" in path.read_text()
+
+
+def test_auto_reader_count_follows_the_cpus_the_job_may_use() -> None:
+    """num_workers: auto sizes the tile readers from the CPU affinity (a SLURM allocation, taskset), not the
+    machine: a job pinned to one CPU reads inline instead of oversubscribing it (torch's warning on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\nfrom wsi_pipeline.encode.config import EncodeParams\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "print(EncodeParams().reader_processes(), EncodeParams(num_workers=3).reader_processes())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "3"]  # one CPU: no extra readers; an explicit number is kept
