@@ -42,6 +42,12 @@ def _watch(pid: int, poll_s: float) -> None:
     os._exit(1)  # from a watcher thread: the only way to end the process now; stores are temporary until complete
 
 
+def export_parent_pid() -> None:
+    """Called where the workflow is read: jobs started from this process (which inherit the environment) will
+    watch it. An environment variable, not part of the jobs' commands, so their code stays the same run to run."""
+    os.environ[ENV] = str(os.getpid())
+
+
 def guard_parent(poll_s: float = POLL_S) -> int | None:
     """Start the watcher when WSI_PARENT_PID names a process; returns that pid (None when not set)."""
     value = os.environ.get(ENV, "")

@@ -1,11 +1,11 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
 import json
-import os
 import sys
 from pathlib import Path
 
 from wsi_pipeline.config import load_config, write_run_config
 from wsi_pipeline.devices import cuda_present
+from wsi_pipeline.jobguard import export_parent_pid
 from wsi_pipeline.layout import ResultsLayout
 from wsi_pipeline.slide.fingerprint import current_fingerprint
 from wsi_pipeline.slide.reader import SLIDE_ID_PATTERN
@@ -19,9 +19,8 @@ RESULTS = Path(CFG.results)
 PATHS = ResultsLayout(RESULTS)  # every results path: wsi_pipeline/layout.py
 # Shell jobs run the CLI with the interpreter running Snakemake (the project's venv), whatever PATH says.
 WSI = f"{sys.executable} -m wsi_pipeline"
-# Jobs watch this process and stop when it is gone (kill -9 of Snakemake must not leave them running): an
-# environment variable, not part of the command, so the rules' code stays the same from run to run.
-os.environ["WSI_PARENT_PID"] = str(os.getpid())
+# Jobs watch this process and stop when it is gone: kill -9 of Snakemake must not leave them running.
+export_parent_pid()
 
 
 def wsi_command(args):
