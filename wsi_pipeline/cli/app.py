@@ -7,6 +7,11 @@ from typing import Annotated, NoReturn
 
 import typer
 
+# `--record-failures`: what a cohort run does with a bad slide, for the per-slide verbs
+RecordFailures = Annotated[
+    bool, typer.Option(help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")
+]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

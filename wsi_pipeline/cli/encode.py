@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app, exit_with_error
+from .app import RecordFailures, app, exit_with_error
 
 
 @app.command()
@@ -27,9 +27,7 @@ def encode(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="stored feature dtype: float16 or float32")] = None,
     force: Annotated[bool, typer.Option(help="re-encode even if a complete store exists")] = False,
-    record_failures: Annotated[
-        bool, typer.Option(help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")
-    ] = False,
+    record_failures: RecordFailures = False,
 ) -> None:
     """Encode one slide's tiles: RESULTS/tiles/{id}.zarr -> RESULTS/features/{encoder}/{id}.zarr (+ .json)."""
     from ..config import load_config

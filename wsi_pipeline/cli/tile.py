@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .app import app, exit_with_error
+from .app import RecordFailures, app, exit_with_error
 
 if TYPE_CHECKING:
     from ..layout import ResultsLayout
@@ -24,9 +24,7 @@ def tile(
     target_mpp: Annotated[float | None, typer.Option(help="microns per pixel of tiles (default 0.5)")] = None,
     slide_id: Annotated[str | None, typer.Option(help="default: file name without extension")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (tiling/tissue sections are used)")] = None,
-    record_failures: Annotated[
-        bool, typer.Option(help="record a bad slide in its sidecar and exit 0 (what a cohort run does)")
-    ] = False,
+    record_failures: RecordFailures = False,
 ) -> None:
     """Tile one slide: tissue mask, tile grid, Zarr tile store, QC pictures."""
     from ..config import load_config
