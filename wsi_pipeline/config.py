@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .encode.config import EncodeParams
 from .encoders.config import EncoderConfig
 from .errors import ConfigError
+from .io.yamlio import read_yaml_mapping
 from .mil.config import MILConfig
 from .tiling.config import TilingParams, TissueParams
 
@@ -55,20 +56,11 @@ class PipelineConfig(BaseModel):
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML (or JSON) config file as a dict; a missing or unparsable file is one `ConfigError` line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass --config with a YAML file like workflows/config.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]}); fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: a config must be a mapping of sections (samples:, tiling:, ...), not {type(data).__name__}"
-        )
-    return data
+    return read_yaml_mapping(
+        path,
+        missing_hint="pass --config with a YAML file like workflows/config.yaml",
+        mapping_hint="a config must be a mapping of sections (samples:, tiling:, ...)",
+    )
 
 
 def load_config(
