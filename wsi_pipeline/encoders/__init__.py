@@ -34,6 +34,13 @@ _LAZY = {
     "preprocess_on_device": "wsi_pipeline.encoders.preprocess",
     "preprocessing_from_processor_config": "wsi_pipeline.encoders.preprocess",
     "reference_preprocess_pil": "wsi_pipeline.encoders.preprocess",
+    # text towers (stage 4): prompts -> L2-normalised embeddings in the image features' space
+    "TextEncoder": "wsi_pipeline.encoders.text",
+    "TorchTextEncoder": "wsi_pipeline.encoders.text",
+    "available_text_encoders": "wsi_pipeline.encoders.text",
+    "build_concept_embeddings": "wsi_pipeline.encoders.text",
+    "build_text_encoder": "wsi_pipeline.encoders.text",
+    "register_text_encoder": "wsi_pipeline.encoders.text",
 }
 
 

@@ -46,8 +46,9 @@ def _pooled(out: Any) -> torch.Tensor:
     raise EncoderError(f"encode_image returned {type(out).__name__}; expected a tuple whose first item is pooled")
 
 
-def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
-    what = f"encoder {cfg.name!r}"
+def resolve_conceptclip_dir(cfg: EncoderConfig, what: str) -> tuple[Path, str | None, str, str | None]:
+    """(checkpoint folder, revision, download hint, hub id): `encoder.path`, or the pinned ConceptCLIP revision (or
+    `model_id`/`revision`) from the HF cache, offline unless asked. Image and text towers resolve through here."""
     repo_id = cfg.model_id or (None if cfg.path else CONCEPTCLIP_REPO)
     revision = cfg.revision or (CONCEPTCLIP_REVISION if repo_id == CONCEPTCLIP_REPO else None)
     hint = download_hint(repo_id or CONCEPTCLIP_REPO, revision or CONCEPTCLIP_REVISION)
@@ -60,6 +61,12 @@ def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") ->
         what=what,
         hint=hint,
     )
+    return model_dir, revision, hint, repo_id
+
+
+def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
+    what = f"encoder {cfg.name!r}"
+    model_dir, revision, hint, repo_id = resolve_conceptclip_dir(cfg, what)
     config = _read_config(model_dir, what, hint)
     auto_map = config.get("auto_map") or {}
     if auto_map and not cfg.trust_remote_code:

@@ -32,12 +32,12 @@ def open_clip_preprocessing(model: torch.nn.Module) -> Preprocessing:
     )
 
 
-def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
-    """`model_id` = "hf-hub:org/name" (resolved through the HF cache, revision honoured) or a built-in
-    architecture ("ViT-L-14") with `path` = checkpoint file; or `path` = directory with open_clip_config.json."""
-    import open_clip
-
-    what = f"encoder {cfg.name!r}"
+def resolve_open_clip_source(
+    cfg: EncoderConfig, what: str, allow_patterns: list[str] | None = None
+) -> tuple[Path, str | None, str | None]:
+    """(directory or checkpoint file, revision, architecture) of an open_clip model: `model_id` =
+    "hf-hub:org/name" through the HF cache (revision honoured), or an architecture with `path` = checkpoint file,
+    or `path` = a directory with open_clip_config.json. Image and text towers resolve through here."""
     model_id = cfg.model_id
     arch: str | None = None
     repo_id: str | None = None
@@ -54,15 +54,25 @@ def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> T
             )
     elif model_id and not model_id.startswith("hf-hub:"):
         arch = model_id
-    source_dir, revision = resolve_model_dir(
+    source, revision = resolve_model_dir(
         path=cfg.path,
         repo_id=repo_id,
         revision=cfg.revision,
         cache_dir=cfg.cache_dir,
         local_files_only=cfg.local_files_only,
         what=what,
-        allow_patterns=_HUB_FILES,
+        allow_patterns=allow_patterns or _HUB_FILES,
     )
+    return source, revision, arch
+
+
+def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
+    """`model_id` = "hf-hub:org/name" (resolved through the HF cache, revision honoured) or a built-in
+    architecture ("ViT-L-14") with `path` = checkpoint file; or `path` = directory with open_clip_config.json."""
+    import open_clip
+
+    what = f"encoder {cfg.name!r}"
+    source_dir, revision, arch = resolve_open_clip_source(cfg, what)
     kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
     try:
         if source_dir.is_dir():
@@ -87,7 +97,7 @@ def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> T
     prep = with_size(open_clip_preprocessing(model), cfg.image_size)
     dim = getattr(model.visual, "output_dim", None)
     source = ModelSource(
-        model_id=model_id, path=str(source_dir), revision=revision, weight_files=weight_files(Path(source_dir))
+        model_id=cfg.model_id, path=str(source_dir), revision=revision, weight_files=weight_files(Path(source_dir))
     )
     return TorchTileEncoder(cfg.name, model, forward, dim, prep, source, cfg, device)
 
