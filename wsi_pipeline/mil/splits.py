@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import TrainingDataError
+from .bags import Bag, bag_strata
+from .config import TaskConfig, TrainConfig
 
 
 def _fingerprint(ids: list[str], groups: list[str], strata: list[int]) -> str:
@@ -125,3 +128,18 @@ def load_or_make_splits(
     tmp.write_text(json.dumps(splits, indent=1))
     tmp.replace(path)  # atomic: parallel fold jobs never read a half-written file
     return splits
+
+
+def task_splits(path: str | Path, bags: Sequence[Bag], task: TaskConfig, train: TrainConfig) -> dict[str, Any]:
+    """The task's splits over `bags` (patient-level, stratified by class or event), made once and reused: what the
+    workflow's splits job and in-process training both call."""
+    return load_or_make_splits(
+        path,
+        [b.bag_id for b in bags],
+        [b.patient_id for b in bags],
+        bag_strata(bags, task.type == "classification"),
+        train.folds,
+        train.seeds,
+        train.val_fraction,
+        task.type == "survival",
+    )

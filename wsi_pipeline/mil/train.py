@@ -24,7 +24,7 @@ from .config import TaskConfig, TrainConfig, as_task, as_train
 from .engine import Problem, fit, make_model, model_spec, predict_bags, resolve_device
 from .losses import time_bins
 from .metrics import classification_metrics, survival_metrics
-from .splits import load_or_make_splits
+from .splits import task_splits
 
 
 def make_problem(task: TaskConfig, cfg: TrainConfig, classes: list[str] | None, train: list[Bag]) -> Problem:
@@ -134,17 +134,7 @@ def train_task(
         raise TrainingDataError(f"{sheet_csv}: no rows with a target for task {task.name!r}")
     store = ZarrStore(features_dir, cfg.cache_bytes)
     store.check(bags)  # every missing store listed at once, before any training
-    strata = bag_strata(bags, task.type == "classification")
-    splits = load_or_make_splits(
-        out / "splits.json",
-        [b.bag_id for b in bags],
-        [b.patient_id for b in bags],
-        strata,
-        cfg.folds,
-        cfg.seeds,
-        cfg.val_fraction,
-        task.type == "survival",
-    )
+    splits = task_splits(out / "splits.json", bags, task, cfg)
     write_json_atomic(
         out / "config.json",
         {

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from ..layout import STATUS_OK, ResultsLayout
-from .bags import bag_strata, bags_from_sheet, load_sheet
+from .bags import bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig
-from .splits import load_or_make_splits
+from .splits import task_splits
 
 
 def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: str) -> pd.DataFrame:
@@ -44,15 +44,4 @@ def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: st
 def write_task_splits(sheet_csv: Path, task: TaskConfig, train: TrainConfig, out: Path) -> dict[str, Any]:
     """Make (or reuse) the task's patient-level splits once, before the fold jobs start in parallel."""
     df, _ = load_sheet(sheet_csv, task)
-    bags = bags_from_sheet(df, task)
-    strata = bag_strata(bags, task.type == "classification")
-    return load_or_make_splits(
-        out / "splits.json",
-        [b.bag_id for b in bags],
-        [b.patient_id for b in bags],
-        strata,
-        train.folds,
-        train.seeds,
-        train.val_fraction,
-        task.type == "survival",
-    )
+    return task_splits(out / "splits.json", bags_from_sheet(df, task), task, train)
