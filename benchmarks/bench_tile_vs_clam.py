@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, print_table, write_results  # noqa: E402
+from common import print_table, write_results  # noqa: E402
+from make_large_slide import ensure_large_slide  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SLIDE = CACHE / "clam_bench_60k_40x.svs"
@@ -54,35 +55,6 @@ IMPORT_PROBE = (
     f"print(json.dumps([time.perf_counter() - t, [m for m in {HEAVY!r} if m in sys.modules], "
     "sys.modules['wsi_pipeline'].__file__]))"
 )
-
-
-def ensure_slide(path: Path = SLIDE, *, force: bool = False) -> Path:
-    """The cached benchmark slide, written first if missing or written with other parameters."""
-    meta = path.with_suffix(".json")
-    if not force and path.exists() and meta.exists() and json.loads(meta.read_text()).get("params") == PARAMS:
-        return path
-    from wsi_pipeline.synthetic import write_synthetic_slide
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.svs")  # never leave a half-written slide under the real name
-    t0 = time.perf_counter()
-    spec = write_synthetic_slide(partial, **PARAMS)
-    seconds = time.perf_counter() - t0
-    partial.replace(path)
-    meta.write_text(
-        json.dumps(
-            {
-                "params": PARAMS,
-                "seconds": round(seconds, 2),
-                "bytes": path.stat().st_size,
-                "level_dimensions": spec.level_dimensions,
-                "machine": machine_info(),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {seconds:.1f} s")
-    return path
 
 
 def _tree_rss_sampler(pid: int, peak: list[int], stop: threading.Event) -> None:
@@ -194,7 +166,7 @@ def main() -> None:
         sys.exit(f"import wsi_pipeline.cli failed:\n{probe.stderr[-3000:]}")
     cli_import_s, heavy, package_file = json.loads(probe.stdout.strip().splitlines()[-1])
 
-    slide = ensure_slide(force=args.force_slide)
+    slide = ensure_large_slide(SLIDE, params=PARAMS, force=args.force_slide)
     work = Path(tempfile.mkdtemp(prefix="tile_vs_clam_", dir=args.work))
     src_dir = work / "slides"  # CLAM processes every file in --source: only our slide there
     src_dir.mkdir()

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import tifffile
 
@@ -34,21 +35,23 @@ PARAMS = {
 }
 
 
-def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
-    """Return the cached large slide, writing it first if missing or written with other parameters."""
+def ensure_large_slide(path: Path = LARGE, *, params: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Return the cached slide at `path` written with `params` (default PARAMS), writing it first if missing or
+    written with other parameters. Other benchmarks cache their own slides through here."""
+    params = params or PARAMS
     meta = path.with_suffix(".json")
     if not force and path.exists() and meta.exists():
-        if json.loads(meta.read_text()).get("params") == PARAMS:
+        if json.loads(meta.read_text()).get("params") == params:
             return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.svs")  # never leave a half-written slide under the real name
     t0 = time.perf_counter()
-    spec = write_synthetic_slide(partial, **PARAMS)
+    spec = write_synthetic_slide(partial, **params)
     seconds = time.perf_counter() - t0
     partial.replace(path)
     n_tiles = sum(len(p.dataoffsets) for p in tifffile.TiffFile(path).pages if p.is_tiled)
     result = {
-        "params": PARAMS,
+        "params": params,
         "seconds": round(seconds, 2),
         "bytes": path.stat().st_size,
         "tiles_written": n_tiles,
@@ -60,7 +63,7 @@ def ensure_large_slide(path: Path = LARGE, *, force: bool = False) -> Path:
     meta.write_text(json.dumps(result, indent=2))
     print(f"{'slide':<28}{'size (px)':>18}{'levels':>8}{'tiles':>10}{'GiB':>8}{'seconds':>10}")
     print(
-        f"{path.name:<28}{PARAMS['width']:>9,} x {PARAMS['height']:<7,}{len(spec.level_downsamples):>8}"
+        f"{path.name:<28}{params['width']:>9,} x {params['height']:<7,}{len(spec.level_downsamples):>8}"
         f"{n_tiles:>10,}{result['bytes'] / 2**30:>8.2f}{seconds:>10.1f}"
     )
     return path
