@@ -60,10 +60,9 @@ def tile_under_lock(
     tissue: TissueParams,
 ) -> TileSidecar:
     """Stage 1 for one slide holding `tiles/.locks/{slide_id}.lock`: two commands tiling one slide into one results
-    folder take turns and both end with the same complete outputs. A disk fault (full, read-only, a file in the way)
-    fails the slide with one line in its sidecar; when that cannot be written either, `StorageError` says the line.
-    No temporary of the slide is left: under the lock none of them has a live writer."""
-    from ..io.faults import TILE_NEED, TILE_OUTPUT_BYTES, StorageError, describe_os_error
+    folder take turns and both end with the same complete outputs. Disk faults are recorded by `tile_slide` itself
+    (one line in the sidecar, or `StorageError` when not even that can be written). No temporary of the slide is
+    left: under the lock none of them has a live writer."""
     from ..io.locks import file_lock
     from ..layout import ResultsLayout
     from ..slide.reader import slide_id_problem
@@ -75,13 +74,6 @@ def tile_under_lock(
     with file_lock(layout.tile_lock(slide_id)):
         try:
             return tile_slide(slide, out, slide_id=slide_id, mpp=mpp, backend=backend, tiling=tiling, tissue=tissue)
-        except OSError as err:
-            reason = describe_os_error(err, out, need_bytes=TILE_OUTPUT_BYTES, need_what=TILE_NEED)
-            _remove_temporaries(layout, slide_id)  # frees what the failed writes took, for the sidecar
-            try:
-                return _failed_sidecar(layout, slide, slide_id, mpp, tiling, tissue, reason)
-            except OSError:
-                raise StorageError(reason) from None
         finally:
             _remove_temporaries(layout, slide_id)
 
@@ -92,31 +84,3 @@ def _remove_temporaries(layout: ResultsLayout, slide_id: str) -> None:
     remove_stale_temporaries_in(layout.qc_dir(slide_id), own=True)
     for path in (layout.tile_store(slide_id), layout.tile_sidecar(slide_id)):
         remove_stale_temporaries(path, own=True)
-
-
-def _failed_sidecar(
-    layout: ResultsLayout,
-    slide: Path,
-    slide_id: str,
-    mpp: float | None,
-    tiling: TilingParams,
-    tissue: TissueParams,
-    reason: str,
-) -> TileSidecar:
-    """Record a slide that stage 1 could not write (what `tile_slide` records for a bad slide)."""
-    from .. import __version__
-    from ..layout import STATUS_FAILED
-    from ..tiling.sidecar import TileSidecar
-
-    side = TileSidecar(
-        slide_id=slide_id,
-        path=str(slide),
-        package_version=__version__,
-        tiling=tiling.model_dump(),
-        tissue_params=tissue.model_dump(),
-        mpp_override=mpp,
-        status=STATUS_FAILED,
-        reason=reason,
-    )
-    side.write(layout.tile_sidecar(slide_id))
-    return side
