@@ -2,7 +2,7 @@
 Snakemake. Each stage's section lives in that stage's `config.py` (pydantic models only).
 
 `workflows/config.yaml` holds the defaults; `workflows/schemas/config.schema.json` is generated from these models
-(`wsi-pipeline schema`) so editors and Snakemake's `validate` see the same rules. This is the one place YAML is read.
+(`wsi-pipeline schema`) so editors and Snakemake's `validate` see the same rules. YAML is read by io/yamlio.py.
 """
 
 from __future__ import annotations
