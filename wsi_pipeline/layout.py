@@ -6,6 +6,9 @@ results/
   features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
   mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
   attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
+  explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar
+  explain/{encoder}/text/                         cached concept text embeddings (per revision and prompt hash)
+  mil/{task}/explain/                             stage 4 for a task: concepts.csv, slides/*.json, index.html
   report.csv|html, run_config.yaml, logs/, .gpu_locks/
 """
 
@@ -88,6 +91,22 @@ class ResultsLayout:
 
     def heatmap_dir(self, task: str) -> Path:
         return self.task_dir(task) / "heatmaps"
+
+    # stage 4 (explain)
+    def concept_dir(self, encoder: str, concept_set: str) -> Path:
+        return self.root / "explain" / encoder / concept_set
+
+    def concept_store(self, encoder: str, concept_set: str, slide_id: str) -> Path:
+        return self.concept_dir(encoder, concept_set) / f"{slide_id}.zarr"
+
+    def concept_sidecar(self, encoder: str, concept_set: str, slide_id: str) -> Path:
+        return self.concept_dir(encoder, concept_set) / f"{slide_id}.json"
+
+    def text_cache_dir(self, encoder: str) -> Path:
+        return self.root / "explain" / encoder / "text"
+
+    def task_explain_dir(self, task: str) -> Path:
+        return self.task_dir(task) / "explain"
 
     # cohort
     @property
