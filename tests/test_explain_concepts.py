@@ -71,11 +71,10 @@ def test_shipped_sets_load_and_validate() -> None:
 
 def test_default_explain_config_names_shipped_sets() -> None:
     cfg = ExplainConfig()
-    assert cfg.top_k_tiles == 8 and cfg.zero_shot_k == [1, 5, 10, 50, 100]
+    assert cfg.top_k_tiles == 8 and cfg.captioner is None
     assert [s.name for s in load_concept_sets(cfg.concept_sets, softmax=True)] == cfg.concept_sets
-    assert ExplainConfig(zero_shot_k=[10, 1, 10]).zero_shot_k == [1, 10]
-    with pytest.raises(ValueError, match="zero_shot_k"):
-        ExplainConfig(zero_shot_k=[0])
+    with pytest.raises(ValueError, match="model_id or path"):
+        ExplainConfig.model_validate({"captioner": {"tiles_per_slide": 2}})
     with pytest.raises(ValueError, match="twice"):
         ExplainConfig(concept_sets=["tissue", "tissue"])
 

@@ -96,6 +96,28 @@ class ConceptSet(BaseModel):
         return self
 
 
+class CaptionerConfig(BaseModel):
+    """An image-captioning model (a transformers VisionEncoderDecoder) for the top tiles of each slide."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str | None = Field(None, description="Hugging Face id (from the HF cache; pinned by revision)")
+    path: str | None = Field(None, description="local folder holding the model (wins over model_id)")
+    revision: str | None = None
+    cache_dir: str | None = None
+    local_files_only: bool = True
+    trust_remote_code: bool = False
+    tiles_per_slide: int = Field(4, ge=1, le=64, description="top-attention tiles captioned per slide")
+    max_new_tokens: int = Field(40, ge=1, le=512)
+    num_beams: int = Field(1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _has_source(self) -> CaptionerConfig:
+        if not (self.model_id or self.path):
+            raise ValueError("explain.captioner needs model_id or path")
+        return self
+
+
 class ExplainConfig(BaseModel):
     """The `explain:` config section: which concept sets to score tiles and slides against, and how."""
 
@@ -105,13 +127,13 @@ class ExplainConfig(BaseModel):
         default_factory=lambda: ["tissue", "lesion"],
         description="shipped concept sets by name (workflows/concepts/NAME.yaml) or paths to YAML concept sets",
     )
-    top_k_tiles: int = Field(8, ge=1, le=256, description="tiles shown per slide and per concept")
-    zero_shot_k: list[int] = Field(
-        default_factory=lambda: [1, 5, 10, 50, 100],
-        min_length=1,
-        description="MI-Zero top-K pooling: a slide's class score is the mean of its K best tiles, for each K",
-    )
+    top_k_tiles: int = Field(8, ge=1, le=256, description="top-attention tiles listed (with concepts) per slide")
+    heatmap_concepts: int = Field(3, ge=0, le=16, description="concept heatmaps drawn per slide (its top concepts)")
+    bootstrap: int = Field(1000, ge=0, description="resamples for the effect-size confidence intervals")
+    fdr: float = Field(0.05, gt=0, lt=1, description="false discovery rate for the per-concept rank tests")
     text_batch_size: int = Field(64, ge=1, description="prompts per batch when encoding concept text")
+    chunk_rows: int = Field(16384, ge=256, description="feature rows per dask chunk when scoring a cohort")
+    captioner: CaptionerConfig | None = Field(None, description="optional: caption the top tiles of each slide")
 
     @field_validator("concept_sets")
     @classmethod
@@ -122,10 +144,3 @@ class ExplainConfig(BaseModel):
         if len(set(out)) != len(out):
             raise ValueError("a concept set is listed twice in concept_sets; remove the duplicate")
         return out
-
-    @field_validator("zero_shot_k")
-    @classmethod
-    def _positive_k(cls, ks: list[int]) -> list[int]:
-        if any(k < 1 for k in ks):
-            raise ValueError(f"zero_shot_k values must be >= 1, got {ks}")
-        return sorted(set(ks))

@@ -16,14 +16,26 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    type: Literal["classification", "survival"] = "classification"
-    label: str | None = None  # classification: column with the class (name or integer code)
+    type: Literal["classification", "survival", "zero-shot"] = "classification"
+    label: str | None = None  # classification / zero-shot: column with the class (name or integer code)
     time: str | None = None  # survival: follow-up time (> 0)
     event: str | None = None  # survival: 1 = event observed, 0 = censored
     classes: list[str] | None = None  # class names, in output order; inferred (sorted) when omitted
     slide_col: str = "slide_id"
     patient_col: str | None = "patient_id"  # None: every slide is its own patient
     pool_slides: bool = True  # one bag per patient (slides pooled); False: one bag per slide, split by patient
+    # Which tile features the task learns from: the encoder's ("raw"), or a concept set's tile scores
+    # ("concepts:tissue"): a concept-bottleneck model, interpretable by construction.
+    features: str = "raw"
+    # zero-shot (MI-Zero, no training): class (as in the label column) -> phrasings of it; each phrasing fills
+    # every template; a slide's class score pools its tiles' similarities with the class (mean of the top K).
+    class_prompts: dict[str, list[str]] | None = None
+    templates: list[str] = Field(
+        default_factory=lambda: ["an H&E image of {}.", "a histopathology image of {}."],
+        description="zero-shot prompt templates, each with one {}",
+    )
+    top_k: list[int] = Field(default_factory=lambda: [1, 5, 10, 50, 100], description="zero-shot top-K poolings")
+    primary_k: int = Field(10, ge=1, description="zero-shot: the K whose predictions summary.json reports")
 
     @model_validator(mode="after")
     def _columns_for_type(self) -> TaskConfig:
@@ -33,7 +45,40 @@ class TaskConfig(BaseModel):
             raise ValueError(f"task {self.name!r}: a classification task needs `label` (a sample-sheet column)")
         if self.type == "survival" and not (self.time and self.event):
             raise ValueError(f"task {self.name!r}: a survival task needs `time` and `event` columns")
+        if self.type == "zero-shot":
+            self._check_zero_shot()
+        if self.features != "raw" and not (self.features.startswith("concepts:") and self.features[9:].strip()):
+            raise ValueError(
+                f"task {self.name!r}: features {self.features!r} must be 'raw' or 'concepts:<concept set>'"
+            )
         return self
+
+    def _check_zero_shot(self) -> None:
+        if not self.label:
+            raise ValueError(f"task {self.name!r}: a zero-shot task needs `label` (the column it is scored against)")
+        prompts = self.class_prompts or {}
+        if len(prompts) < 2:
+            raise ValueError(
+                f"task {self.name!r}: a zero-shot task needs class_prompts for at least 2 classes "
+                "(class -> list of phrasings)"
+            )
+        for cls, phrasings in prompts.items():
+            if not phrasings or any(not str(p).strip() for p in phrasings):
+                raise ValueError(f"task {self.name!r}: class {cls!r} has no or an empty prompt in class_prompts")
+        if self.classes is not None and [str(c) for c in self.classes] != [str(c) for c in prompts]:
+            raise ValueError(f"task {self.name!r}: classes {self.classes} differ from the class_prompts keys")
+        if any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError(f"task {self.name!r}: every zero-shot template needs exactly one {{}}")
+        if any(k < 1 for k in self.top_k):
+            raise ValueError(f"task {self.name!r}: top_k values must be >= 1")
+        self.top_k = sorted(set(self.top_k) | {self.primary_k})
+        if self.features != "raw":
+            raise ValueError(f"task {self.name!r}: a zero-shot task scores the encoder's own features; drop `features`")
+
+    @property
+    def concept_features(self) -> str | None:
+        """The concept set a concept-bottleneck task learns from, or None for the encoder's features."""
+        return self.features.split(":", 1)[1].strip() if self.features.startswith("concepts:") else None
 
 
 class TrainConfig(BaseModel):
