@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .encode.config import EncodeParams
 from .encoders.config import EncoderConfig
 from .errors import ConfigError
+from .explain.config import ExplainConfig
 from .io.yamlio import read_yaml_mapping
 from .mil.config import MILConfig
 from .tiling.config import TilingParams, TissueParams
@@ -42,6 +43,21 @@ class PipelineConfig(BaseModel):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     encode: EncodeParams = Field(default_factory=EncodeParams)
     mil: MILConfig = Field(default_factory=MILConfig)
+    explain: ExplainConfig | None = Field(
+        None, description="stage 4: concept scores, zero-shot and explained MIL tasks (none: not run)"
+    )
+
+    @model_validator(mode="after")
+    def _tasks_have_their_concepts(self) -> PipelineConfig:
+        scored = self.explain.concept_sets if self.explain else []
+        for task in self.mil.tasks:
+            wanted = task.concept_features
+            if wanted and wanted not in scored:
+                raise ValueError(
+                    f"task {task.name!r} learns from concept set {wanted!r}, which is not in explain.concept_sets "
+                    f"({', '.join(scored) or 'no explain: section'}); add it there"
+                )
+        return self
 
     def cohort(self) -> pd.DataFrame:
         """The validated cohort table, indexed by slide_id: `samples` is a CSV sheet, or else a glob of slides."""

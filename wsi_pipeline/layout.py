@@ -6,7 +6,7 @@ results/
   features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
   mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
   attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
-  explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar
+  explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar (+ cohort.csv)
   explain/{encoder}/text/                         cached concept text embeddings (per revision and prompt hash)
   mil/{task}/explain/                             stage 4 for a task: concepts.csv, slides/*.json, index.html
   report.csv|html, run_config.yaml, logs/, .gpu_locks/
@@ -101,6 +101,10 @@ class ResultsLayout:
 
     def concept_sidecar(self, encoder: str, concept_set: str, slide_id: str) -> Path:
         return self.concept_dir(encoder, concept_set) / f"{slide_id}.json"
+
+    def concept_summary(self, encoder: str, concept_set: str) -> Path:
+        """One row per slide (status, tiles, reason): written when a cohort is scored against a concept set."""
+        return self.concept_dir(encoder, concept_set) / "cohort.csv"
 
     def text_cache_dir(self, encoder: str) -> Path:
         return self.root / "explain" / encoder / "text"

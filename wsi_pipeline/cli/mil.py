@@ -113,7 +113,12 @@ def mil_sheet(config: ConfigOpt, task: TaskOpt) -> None:
     from ..mil.workflow import write_task_sheet
 
     cfg = _run(lambda: load_config(config))
-    sheet = _run(lambda: write_task_sheet(cfg.cohort(), Path(cfg.results), cfg.encoder.name, cfg.mil.task(task).name))
+    task_cfg = _run(lambda: cfg.mil.task(task))
+    sheet = _run(
+        lambda: write_task_sheet(
+            cfg.cohort(), Path(cfg.results), cfg.encoder.name, task_cfg.name, task_cfg.concept_features
+        )
+    )
     typer.echo(f"{task}: {len(sheet)} slides with features")
 
 
@@ -138,15 +143,17 @@ def mil_train(
     from ..config import load_config
     from ..layout import ResultsLayout
     from ..mil.train import train_task
+    from ..mil.workflow import task_features_dir
 
     cfg = _run(lambda: load_config(config))
     layout = ResultsLayout(cfg.results)
     out = layout.task_dir(task)
+    task_cfg = _run(lambda: cfg.mil.task(task))
     res = _run(
         lambda: train_task(
             out / "sheet.csv",
-            layout.feature_dir(cfg.encoder.name),
-            cfg.mil.task(task),
+            task_features_dir(layout.root, cfg.encoder.name, task_cfg),
+            task_cfg,
             cfg.mil.train,
             out,
             fold=fold,

@@ -56,11 +56,13 @@ class ArrayStore:
 class ZarrStore:
     """Per-slide Zarr feature stores `features_dir/{slide_id}.zarr`, read in chunks when a bag is needed.
 
-    Recently used bags are kept (as stored, e.g. float16) while they fit in `cache_bytes`.
+    `array` is the per-tile matrix a bag is made of: `features` in stage-2 stores, `cosine` in stage-4 concept-score
+    stores (a concept-bottleneck task). Recently used bags are kept (as stored) while they fit in `cache_bytes`.
     """
 
-    def __init__(self, features_dir: str | Path, cache_bytes: int = 0) -> None:
+    def __init__(self, features_dir: str | Path, cache_bytes: int = 0, array: str = "features") -> None:
         self.root = Path(features_dir)
+        self.array = array
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached = 0
@@ -77,8 +79,8 @@ class ZarrStore:
 
     def _unreadable(self, slide_id: str, exc: Exception) -> TrainingDataError:
         return TrainingDataError(
-            f"{self.path(slide_id)}: cannot read array 'features' ({type(exc).__name__}: "
-            f"{exc}); re-run feature extraction for this slide"
+            f"{self.path(slide_id)}: cannot read array {self.array!r} ({type(exc).__name__}: "
+            f"{exc}); re-run feature extraction (or concept scoring) for this slide"
         )
 
     def check(self, bags: list[Bag]) -> None:
@@ -95,12 +97,12 @@ class ZarrStore:
             bag.lengths = []
             for sid in bag.slide_ids:
                 try:
-                    arr = self.open(sid)["features"]
+                    arr = self.open(sid)[self.array]
                 except Exception as exc:
                     raise self._unreadable(sid, exc) from exc
                 if arr.ndim != 2 or arr.shape[0] == 0:
                     raise TrainingDataError(
-                        f"{self.path(sid)}: empty bag (features shape {arr.shape}); "
+                        f"{self.path(sid)}: empty bag ({self.array} shape {arr.shape}); "
                         "check its tissue mask/tile grid or drop the slide from the sheet"
                     )
                 dims.setdefault(int(arr.shape[1]), str(self.path(sid)))
@@ -122,7 +124,7 @@ class ZarrStore:
         parts = []
         for sid in bag.slide_ids:
             try:
-                feats = np.asarray(self.open(sid)["features"][...])  # whole array, read chunk by chunk by zarr
+                feats = np.asarray(self.open(sid)[self.array][...])  # whole array, read chunk by chunk by zarr
             except Exception as exc:  # a damaged chunk: name the store, not a codec's internals
                 raise self._unreadable(sid, exc) from exc
             if feats.shape[0] == 0:
@@ -200,11 +202,17 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
     else:
         df["_patient"] = df[task.patient_col].fillna(df[task.slide_col]).astype(str)
     df[task.slide_col] = df[task.slide_col].astype(str)
-    if task.type == "classification":
+    if task.type != "survival":  # classification, and zero-shot (scored against the label, nothing trained)
         df = df[df[task.label].notna()].copy()
         values = df[task.label].astype(str)
-        classes = list(task.classes) if task.classes else sorted(values.unique())
+        prompted = [str(c) for c in task.class_prompts or {}]  # zero-shot: the classes are the prompted ones
+        classes = list(task.classes) if task.classes else prompted or sorted(values.unique())
         unknown = sorted(set(values) - set(classes))
+        if unknown and task.type == "zero-shot":
+            raise TrainingDataError(
+                f"{path}: zero-shot task {task.name!r} has {task.label!r} values {unknown} without class_prompts "
+                f"(prompted classes: {classes}); add prompts for them to class_prompts or fix the sheet"
+            )
         if unknown:
             raise TrainingDataError(
                 f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
@@ -234,7 +242,7 @@ def bags_from_sheet(df: pd.DataFrame, task: TaskConfig) -> list[Bag]:
     """One bag per patient (its slides pooled) or per slide; a patient's target must agree across slides."""
     bags = []
     for pid, rows in df.groupby("_patient", sort=True):
-        if task.type == "classification":
+        if task.type != "survival":
             if rows["_target"].nunique() > 1:
                 raise TrainingDataError(
                     f"patient {pid} has slides with different labels for task {task.name!r}; "

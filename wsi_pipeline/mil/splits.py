@@ -137,7 +137,7 @@ def task_splits(path: str | Path, bags: Sequence[Bag], task: TaskConfig, train: 
         path,
         [b.bag_id for b in bags],
         [b.patient_id for b in bags],
-        bag_strata(bags, task.type == "classification"),
+        bag_strata(bags, task.type != "survival"),  # classification and zero-shot: by class
         train.folds,
         train.seeds,
         train.val_fraction,

@@ -132,7 +132,8 @@ def train_task(
     bags = bags_from_sheet(df, task)
     if not bags:
         raise TrainingDataError(f"{sheet_csv}: no rows with a target for task {task.name!r}")
-    store = ZarrStore(features_dir, cfg.cache_bytes)
+    # a concept-bottleneck task reads the concept-score stores' `cosine` (features_dir is then their folder)
+    store = ZarrStore(features_dir, cfg.cache_bytes, array="cosine" if task.concept_features else "features")
     store.check(bags)  # every missing store listed at once, before any training
     splits = task_splits(out / "splits.json", bags, task, cfg)
     write_json_atomic(

@@ -21,14 +21,19 @@ from .config import TaskConfig, TrainConfig
 from .splits import task_splits
 
 
-def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: str) -> pd.DataFrame:
-    """The cohort rows whose slide has a complete, non-empty feature store; the rest go to excluded.csv."""
+def write_task_sheet(
+    cohort: pd.DataFrame, results: Path, encoder: str, task: str, concept_set: str | None = None
+) -> pd.DataFrame:
+    """The cohort rows whose slide has a complete, non-empty feature store (and, for a concept-bottleneck task,
+    concept scores from `concept_set`); the rest go to excluded.csv with the reason."""
     layout = ResultsLayout(results)
     keep, excluded = [], []
     for sid in cohort.index:
-        side_path = layout.feature_sidecar(encoder, sid)
-        side = json.loads(side_path.read_text()) if side_path.exists() else {}
+        side = _sidecar(layout.feature_sidecar(encoder, sid))
         status = side.get("status", "not encoded")
+        if status == STATUS_OK and concept_set:
+            side = _sidecar(layout.concept_sidecar(encoder, concept_set, sid)) or {"status": "not scored"}
+            status = side.get("status", "not scored")
         if status == STATUS_OK and int(side.get("n_tiles") or 0) > 0:
             keep.append(sid)
         else:
@@ -39,6 +44,18 @@ def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: st
     pd.DataFrame(excluded, columns=["slide_id", "encode_status", "reason"]).to_csv(out / "excluded.csv", index=False)
     sheet.to_csv(out / "sheet.csv", index=False)
     return sheet
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def task_features_dir(results: Path, encoder: str, task: TaskConfig) -> Path:
+    """Where a task's bags come from: the encoder's feature stores, or a concept set's score stores (a
+    concept-bottleneck task, `features: concepts:<set>`)."""
+    layout = ResultsLayout(results)
+    concept_set = task.concept_features
+    return layout.concept_dir(encoder, concept_set) if concept_set else layout.feature_dir(encoder)
 
 
 def write_task_splits(sheet_csv: Path, task: TaskConfig, train: TrainConfig, out: Path) -> dict[str, Any]:
