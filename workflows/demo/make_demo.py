@@ -1,6 +1,9 @@
 """Regenerate the demo cohort's synthetic slides and sample sheet (deterministic; run from the repo root).
 
 .venv/bin/python workflows/demo/make_demo.py
+
+Classes are defined by tissue texture: class 1 slides hold a tumour region, class 0 slides none (see
+wsi_pipeline.synthetic.demo.demo_textures); slides/textures.csv records every region's geometry and texture.
 """
 
 from pathlib import Path
@@ -11,7 +14,7 @@ from wsi_pipeline.synthetic import write_demo_cohort
 
 DEMO = Path(__file__).resolve().parent
 slides = DEMO / "slides"
-sheet = write_demo_cohort(slides, n_slides=20, seed=0, width=1536, height=1152)
+sheet = write_demo_cohort(slides, n_slides=20, seed=0, width=1536, height=1152, classes="texture")
 (slides / "samples.csv").unlink()
 sheet["path"] = [f"slides/{Path(p).name}" for p in sheet["path"]]
 cmu = pd.DataFrame(

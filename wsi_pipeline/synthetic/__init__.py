@@ -6,13 +6,19 @@ atlas, so a 100,000 x 80,000 px slide streams to disk with flat memory. Tiles en
 background come from a pool of pre-encoded variants; only tiles crossing an edge, a pen mark or the border
 are rendered and encoded one by one.
 
-Modules, in import order: ``scene`` (regions, pen marks, spec), ``render`` (atlases, tile painter), ``writers``
-(encoders, file formats, :func:`write_synthetic_slide`), ``demo`` (:func:`write_demo_cohort`).
+Regions can carry named tissue textures (``TEXTURES``: tumour, stroma, lymphocytes, necrosis, adipose, mucin),
+recorded in the spec as ground truth (``SyntheticSpec.texture_at``); ``TEXTURE_CONCEPTS`` maps each to its concept
+in ``workflows/concepts/tissue.yaml``.
+
+Modules, in import order: ``scene`` (regions, pen marks, spec), ``textures`` (named tissue textures), ``render``
+(atlases, tile painter), ``writers`` (encoders, file formats, :func:`write_synthetic_slide`), ``demo``
+(:func:`write_demo_cohort`).
 """
 
 from .demo import write_demo_cohort
 from .render import ATLAS, BACKGROUND_RGB, NUCLEI_PER_UM2, POOL_BG, POOL_TISSUE, STAINS
-from .scene import PEN_RGB, PenMark, Region, SyntheticSpec, default_regions
+from .scene import PEN_RGB, TISSUE, PenMark, Region, SyntheticSpec, default_regions
+from .textures import TEXTURE_CONCEPTS, TEXTURES, render_texture
 from .writers import APERIO_HEAD, FORMATS, write_synthetic_slide
 
 __all__ = [
@@ -25,10 +31,14 @@ __all__ = [
     "POOL_BG",
     "POOL_TISSUE",
     "STAINS",
+    "TEXTURES",
+    "TEXTURE_CONCEPTS",
+    "TISSUE",
     "PenMark",
     "Region",
     "SyntheticSpec",
     "default_regions",
+    "render_texture",
     "write_demo_cohort",
     "write_synthetic_slide",
 ]

@@ -2,7 +2,8 @@
 
 Tiles are crops of a small texture atlas per level, masked by the scene geometry; uniform tissue or background
 tiles come from a pool of pre-encoded variants, so only tiles crossing an edge, a pen mark or the border are
-rendered and encoded one by one.
+rendered and encoded one by one. Regions with a named texture (``textures.py``) get that texture's atlas; the
+others share the stain preset's atlas drawn here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 
 from .scene import PEN_RGB, SyntheticSpec, mix, union
+from .textures import TEXTURES, render_texture, smooth_noise
 
 ATLAS = 1024  # texture atlas side (px); tiles are crops of it
 POOL_TISSUE, POOL_BG = 256, 16  # pre-encoded variants per level for uniform tissue / background tiles
@@ -33,26 +35,11 @@ STAINS = {
 BACKGROUNDS = {"fluorescence": (6.0, 6.0, 10.0)}
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: tuple[float, float]) -> np.ndarray:
-    """Unit-variance Gaussian-blurred noise (sigma_x, sigma_y in px); wide blurs run on a coarser grid."""
-    f = max(1, int(min(sigma) // 2))
-    n = cv2.GaussianBlur(
-        rng.standard_normal((size // f, size // f), np.float32),
-        (0, 0),
-        sigma[0] / f,
-        sigmaY=sigma[1] / f,
-        borderType=cv2.BORDER_REFLECT,
-    )
-    if f > 1:
-        n = cv2.resize(n, (size, size), interpolation=cv2.INTER_LINEAR)
-    return n / max(float(n.std()), 1e-6)
-
-
 def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(tissue, background) RGB textures of s x s px at ``um_per_px``."""
     rng = np.random.default_rng([seed, int(um_per_px * 1000)])
-    low = _smooth_noise(rng, s, (30 / um_per_px + 1, 30 / um_per_px + 1))
-    fib = _smooth_noise(rng, s, (max(0.7, 4 / um_per_px), max(0.5, 1.5 / um_per_px)))
+    low = smooth_noise(rng, s, (30 / um_per_px + 1, 30 / um_per_px + 1))
+    fib = smooth_noise(rng, s, (max(0.7, 4 / um_per_px), max(0.5, 1.5 / um_per_px)))
     # Nuclear coverage: anti-aliased ellipses while nuclei are >= ~1 px in radius, else a mottled field.
     if um_per_px <= 2.5:
         alpha = np.zeros((s, s), np.float32)
@@ -73,10 +60,10 @@ def _render_atlas(s: int, um_per_px: float, stain: str, density: float, seed: in
             cv2.ellipse(alpha, (int(cx * 16), int(cy * 16)), axes, ang, 0, 360, a, -1, cv2.LINE_AA, 4)
     else:
         cover = min(0.9, density * NUCLEI_PER_UM2 * np.pi * 3.5**2 * 0.8)
-        alpha = np.clip(cover * (1 + 0.35 * _smooth_noise(rng, s, (1.0, 1.0))), 0, 1).astype(np.float32)
+        alpha = np.clip(cover * (1 + 0.35 * smooth_noise(rng, s, (1.0, 1.0))), 0, 1).astype(np.float32)
     # Composite channel by channel on single-channel float32 planes: ~10x faster than (s, s, 3) temporaries.
     stroma_mod = 1 + 0.03 * (low + fib)
-    nuc_mod = 1 + 0.08 * _smooth_noise(rng, s, (1.5, 1.5))
+    nuc_mod = 1 + 0.08 * smooth_noise(rng, s, (1.5, 1.5))
     grain = rng.standard_normal((s, s), np.float32)
     ws, wn = stroma_mod * (1 - alpha), nuc_mod * alpha
     tissue = cv2.merge([ws * c_s + wn * c_n + 3 * grain for c_s, c_n in zip(*STAINS[stain], strict=True)])
@@ -90,15 +77,31 @@ class Painter:
     def __init__(self, spec: SyntheticSpec, encode: Callable[[np.ndarray], bytes | bytearray]) -> None:
         self.s, self.encode = spec, encode
         self.atlases: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        self.textured: dict[tuple[float, str], np.ndarray] = {}
         self.pool: dict[tuple[float, int, int], bytes | bytearray] = {}
+        self.textured_pool: dict[tuple[float, str, int], bytes | bytearray] = {}
+
+    def _side(self, ds: float) -> int:
+        # small levels get a smaller atlas: rendering cost matters for the many tiny test slides
+        return ATLAS if max(self.s.width, self.s.height) / ds > ATLAS // 2 else ATLAS // 2
 
     def atlas(self, ds: float) -> tuple[np.ndarray, np.ndarray]:
         if ds not in self.atlases:
             um = (self.s.mpp or 0.25) * ds
-            # small levels get a smaller atlas: rendering cost matters for the many tiny test slides
-            side = ATLAS if max(self.s.width, self.s.height) / ds > ATLAS // 2 else ATLAS // 2
-            self.atlases[ds] = _render_atlas(side, um, self.s.stain, self.s.nuclei_density, self.s.seed)
+            self.atlases[ds] = _render_atlas(self._side(ds), um, self.s.stain, self.s.nuclei_density, self.s.seed)
         return self.atlases[ds]
+
+    def texture_atlas(self, ds: float, name: str) -> np.ndarray:
+        """The atlas of a named texture at downsample ``ds`` (the stain preset's tissue atlas for TISSUE)."""
+        if name not in TEXTURES:
+            return self.atlas(ds)[0]
+        if (ds, name) not in self.textured:
+            um = (self.s.mpp or 0.25) * ds
+            eosin, hema = STAINS[self.s.stain]
+            self.textured[(ds, name)] = render_texture(
+                name, self._side(ds), um, eosin, hema, self.s.nuclei_density, self.s.seed
+            )
+        return self.textured[(ds, name)]
 
     def _crop(self, img: np.ndarray, key: int, tw: int, th: int) -> np.ndarray:
         """A crop of the atlas at a hashed offset and one of 8 flips/rotations (square tiles only)."""
@@ -114,8 +117,15 @@ class Painter:
         s = self.s
         xs, ys = (px0 + np.arange(tw) + 0.5) * ds, (py0 + np.arange(th) + 0.5) * ds
         tissue, bg = self.atlas(ds)
-        mask = union(s.regions, xs, ys)[..., None]
-        out = np.where(mask, self._crop(tissue, key, tw, th), self._crop(bg, key >> 3, tw, th))
+        if s.textures:  # region by region, each in its texture (a later region is drawn over an earlier one)
+            out = np.array(self._crop(bg, key >> 3, tw, th))
+            for region, name in zip(s.regions, s.textures, strict=True):
+                m = union((region,), xs, ys)
+                if m.any():
+                    out[m] = self._crop(self.texture_atlas(ds, name), key, tw, th)[m]
+        else:
+            mask = union(s.regions, xs, ys)[..., None]
+            out = np.where(mask, self._crop(tissue, key, tw, th), self._crop(bg, key >> 3, tw, th))
         out = np.ascontiguousarray(out)
         for pen in s.pen_marks:
             b = pen.box
@@ -136,22 +146,31 @@ class Painter:
             out[:, (xs < bw) | (xs >= s.width - bw)] = 0
         return out
 
-    def _kind(self, ds: float, px0: int, py0: int, t: int) -> int:
-        """0 = all background, 1 = all tissue (both poolable), 2 = needs its own rendering."""
+    def _kind(self, ds: float, px0: int, py0: int, t: int) -> tuple[int, str]:
+        """(0 = all background, 1 = all tissue of one texture (both poolable), 2 = needs its own rendering;
+        the texture of a kind-1 tile)."""
         s = self.s
         x0, y0, x1, y1 = px0 * ds, py0 * ds, (px0 + t) * ds, (py0 + t) * ds
         m = 2 * ds
         if any(p.box.intersects(x0 - m, y0 - m, x1 + m, y1 + m) for p in s.pen_marks):
-            return 2
+            return 2, ""
         bw = s.border_width
         if bw and (x0 < bw or y0 < bw or x1 > s.width - bw or y1 > s.height - bw):
-            return 2
-        hit = [r for r in s.regions if r.intersects(x0, y0, x1, y1)]
+            return 2, ""
+        hit = [i for i, r in enumerate(s.regions) if r.intersects(x0, y0, x1, y1)]
         if not hit:
-            return 0
+            return 0, ""
         xs, ys = (px0 + np.arange(t) + 0.5) * ds, (py0 + np.arange(t) + 0.5) * ds
-        mask = union(hit, xs, ys)
-        return 1 if mask.all() else 0 if not mask.any() else 2
+        if s.textures:  # which region is on top at each pixel, then whether one texture covers the tile
+            top = np.zeros((t, t), np.int64)
+            for i in hit:
+                top[s.regions[i].contains(xs, ys)] = i + 1
+            names = np.unique(np.asarray(("",) + s.textures, dtype=object)[top].astype(str))
+            if len(names) > 1:
+                return 2, ""
+            return (1, str(names[0])) if names[0] else (0, "")
+        mask = union([s.regions[i] for i in hit], xs, ys)
+        return (1, "") if mask.all() else (0, "") if not mask.any() else (2, "")
 
     def tiles(self, level: int) -> Iterator[bytes | bytearray]:
         """Encoded tiles of one level, row-major, as tifffile expects."""
@@ -160,12 +179,19 @@ class Painter:
         lw, lh = s.level_dimensions[level]
         for ty in range(math.ceil(lh / t)):
             for tx in range(math.ceil(lw / t)):
-                kind = self._kind(ds, tx * t, ty * t, t)
+                kind, name = self._kind(ds, tx * t, ty * t, t)
                 h = mix(s.seed, level, tx, ty)
                 if kind == 2:
                     yield self.encode(self.block(ds, tx * t, ty * t, t, t, h))
                     continue
                 v = h % (POOL_TISSUE if kind else POOL_BG)
+                if name:  # a tile inside one named texture
+                    if (ds, name, v) not in self.textured_pool:
+                        key = mix(s.seed, level, kind, v, TEXTURES.index(name) + 1)
+                        tile = self._crop(self.texture_atlas(ds, name), key, t, t)
+                        self.textured_pool[(ds, name, v)] = self.encode(np.ascontiguousarray(tile))
+                    yield self.textured_pool[(ds, name, v)]
+                    continue
                 if (ds, kind, v) not in self.pool:
                     tissue, bg = self.atlas(ds)
                     tile = self._crop(tissue if kind else bg, mix(s.seed, level, kind, v), t, t)

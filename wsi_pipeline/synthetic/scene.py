@@ -1,7 +1,8 @@
 """Slide geometry: tissue regions, pen marks and the spec a written slide is described by.
 
 Everything here is plain geometry in level-0 pixel coordinates, independent of pixels and file formats, so
-tests can assert against it; ``mix`` is the deterministic per-tile hash the renderer and demo share.
+tests can assert against it; ``mix`` is the deterministic per-tile hash the renderer and demo share. A region's
+texture (``SyntheticSpec.textures``, one name per region) is ground truth: ``texture_at`` / ``texture_fraction``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 PEN_RGB = {"blue": (25, 50, 190), "green": (30, 140, 60), "black": (22, 22, 28)}
+TISSUE = "tissue"  # the texture label of regions drawn with the stain preset and nuclei_density (no named texture)
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,37 @@ class SyntheticSpec:
     compression: str = "jpeg"
     jpeg_quality: int = 80
     associated: tuple[str, ...] = ()
+    textures: tuple[str, ...] = ()  # one texture name per region; () = every region is TISSUE
 
     def __post_init__(self) -> None:
         if not self.level_dimensions:  # levels are ceil-sized, as tifffile and OpenSlide report them
             dims = tuple((math.ceil(self.width / d), math.ceil(self.height / d)) for d in self.level_downsamples)
             object.__setattr__(self, "level_dimensions", dims)
+        if self.textures and len(self.textures) != len(self.regions):
+            raise ValueError(f"{len(self.textures)} textures for {len(self.regions)} regions; give one per region")
+
+    @property
+    def region_textures(self) -> tuple[str, ...]:
+        """The texture of each region: its name in ``textures``, or TISSUE for a slide without named textures."""
+        return self.textures or (TISSUE,) * len(self.regions)
+
+    def texture_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Texture names (grid len(ys) x len(xs) of str) at level-0 points; '' outside every region. Where
+        regions overlap the later one is drawn on top, and counts."""
+        xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        names = ("",) + self.region_textures
+        idx = np.zeros((len(ys), len(xs)), np.int64)
+        for i, r in enumerate(self.regions, start=1):
+            idx[r.contains(xs, ys)] = i
+        return np.asarray(names, dtype=object)[idx].astype(str)
+
+    def texture_fraction(self, x0: float, y0: float, x1: float, y1: float, samples: int = 64) -> dict[str, float]:
+        """Fraction of the level-0 box [x0, x1) x [y0, y1) covered by each texture ('' = background), sampled at
+        ``samples`` x ``samples`` cell centres; fractions sum to 1."""
+        xs = x0 + (np.arange(samples) + 0.5) * (x1 - x0) / samples
+        ys = y0 + (np.arange(samples) + 0.5) * (y1 - y0) / samples
+        names, counts = np.unique(self.texture_at(xs, ys), return_counts=True)
+        return {str(n): float(c) / samples**2 for n, c in zip(names, counts, strict=True)}
 
     @property
     def pen_boxes(self) -> dict[str, tuple[float, float, float, float]]:

@@ -16,6 +16,7 @@ import tifffile
 
 from .render import STAINS, Painter
 from .scene import Region, SyntheticSpec, default_regions, place_pens
+from .textures import TEXTURES
 
 FORMATS = ("svs", "tiff", "flat", "ome")
 APERIO_HEAD = "Aperio Image Library v12.0.15"
@@ -161,10 +162,13 @@ def write_synthetic_slide(
     pen_marks: Sequence[str] = (),
     black_border: bool = False,
     level_downsamples: Sequence[float] | None = None,
+    textures: Sequence[str] | None = None,
 ) -> SyntheticSpec:
-    """Write a synthetic slide and return its spec (geometry, levels, pen marks) for assertions.
+    """Write a synthetic slide and return its spec (geometry, levels, pen marks, textures) for assertions.
 
-    ``regions=None`` uses :func:`default_regions`; ``regions=()`` writes a blank slide."""
+    ``regions=None`` uses :func:`default_regions`; ``regions=()`` writes a blank slide. ``textures`` names one
+    texture of ``TEXTURES`` per region (tumour, stroma, ...; ``spec.texture_at`` is then the ground truth);
+    None draws every region with the stain preset and ``nuclei_density`` alone."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown slide format {fmt!r}; use one of {FORMATS}")
     if stain not in STAINS:
@@ -178,6 +182,14 @@ def write_synthetic_slide(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     regs = default_regions(width, height, seed) if regions is None else tuple(regions)
+    texs = () if textures is None else tuple(str(x) for x in ([textures] if isinstance(textures, str) else textures))
+    unknown = sorted(set(texs) - set(TEXTURES))
+    if unknown:
+        raise ValueError(f"unknown textures {unknown}; use names of {TEXTURES}")
+    if textures is not None and len(texs) != len(regs):
+        raise ValueError(f"textures gives {len(texs)} names for {len(regs)} regions; give one texture per region")
+    if texs and stain == "fluorescence":
+        raise ValueError("named textures are brightfield H&E; use stain he, he_light or he_dark with textures")
     pens = place_pens(pen_marks, width, height, regs, seed)
     ds = tuple(float(d) for d in level_downsamples) if level_downsamples else _levels(width, height, tile_size)
     ds = (1.0,) if fmt == "flat" else ds
@@ -200,6 +212,7 @@ def write_synthetic_slide(
         compression=compression,
         jpeg_quality=jpeg_quality,
         associated=("label", "macro", "thumbnail") if fmt == "svs" else (),
+        textures=texs,
     )
     encode, tags = _encoder(compression, jpeg_quality, rgb_jpeg=fmt == "svs")
     painter = Painter(spec, encode)
