@@ -11,6 +11,7 @@ include: "workflows/rules/common.smk"  # validated config, cohort table, output 
 include: "workflows/rules/tile.smk"  # stage 1: tissue mask + tile grid + QC, one job per slide
 include: "workflows/rules/encode.smk"  # stage 2: tile embeddings, one Zarr store per slide, sharded jobs
 include: "workflows/rules/mil.smk"  # stage 3: attention-MIL per task and fold, summaries, heatmaps
+include: "workflows/rules/explain.smk"  # stage 4: concept scores, zero-shot tasks, explained MIL tasks
 include: "workflows/rules/report.smk"  # cohort report (CSV + HTML) and failure summary
 
 
@@ -18,4 +19,5 @@ rule all:
     input:
         rules.report.output,
         expand(PATHS.task_dir("{task}") / "summary.json", task=TASKS),
+        explain_targets(),
     default_target: True

@@ -99,5 +99,5 @@ def test_workflow_redoes_a_slide_replaced_with_its_old_date(tmp_path: Path, shar
     after = json.loads(sidecar.read_text())
     assert after["slide_fingerprint"]["fingerprint"] != before["slide_fingerprint"]["fingerprint"]
     assert after["slide"]["dimensions"] == [3000, 2000] != before["slide"]["dimensions"]  # the new slide's tiles
-    encoded = json.loads((tmp_path / "results" / "features" / "stain-texture" / "b.json").read_text())
+    encoded = json.loads((tmp_path / "results" / "features" / "conceptclip" / "b.json").read_text())
     assert encoded["status"] == "ok" and encoded["n_tiles"] == after["n_tiles"]  # re-encoded from the new tiles

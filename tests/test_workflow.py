@@ -113,20 +113,20 @@ def test_tile_store_and_qc_of_a_good_slide(cohort_run: Path) -> None:
 
 
 def test_encode_stage_wrote_features_for_good_slides_only(cohort_run: Path) -> None:
-    features = cohort_run / "results" / "features" / "stain-texture"  # the shipped config's encoder
+    features = cohort_run / "results" / "features" / "conceptclip"  # the shipped config's encoder (demo model)
     tiles = zarr.open_group(str(cohort_run / "results" / "tiles" / "cmu.zarr"), mode="r")
     store = zarr.open_group(str(features / "cmu.zarr"), mode="r")
     assert store["features"].shape[0] == tiles["coords"].shape[0] and store["features"].dtype == np.float16
     np.testing.assert_array_equal(store["coords"][:], tiles["coords"][:])
     assert np.isfinite(store["features"][:].astype(np.float32)).all()
-    assert store.attrs["encoder"] == "stain-texture"
+    assert store.attrs["encoder"] == "conceptclip" and store.attrs["provenance"]["path"].endswith("demo_clip")
     for sid in ("broken", "gone", "tcga_nompp"):
         assert json.loads((features / f"{sid}.json").read_text())["status"] == "skipped"
         assert not (features / f"{sid}.zarr").exists()
     report = pd.read_csv(cohort_run / "results" / "report.csv", keep_default_na=False).set_index("slide_id")
     assert report.loc["cmu", "encode_status"] == "ok" and report.loc["broken", "encode_status"] == "skipped"
     run_config = (cohort_run / "results" / "run_config.yaml").read_text()
-    assert "stain-texture" in run_config and str(cohort_run / "samples.csv") in run_config
+    assert "demo_clip" in run_config and str(cohort_run / "samples.csv") in run_config
 
 
 def test_rerun_does_no_work_and_mpp_change_redoes_one_slide(cohort_run: Path) -> None:

@@ -1,4 +1,4 @@
-"""All three stages through a real Snakemake run on the demo slides: tiles -> stain-texture features -> ABMIL
+"""All three stages through a real Snakemake run on the demo slides: tiles -> demo-model features -> ABMIL
 classification and survival with patient-level CV, summaries, figures, attention heatmaps; then `predict`."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_predict_applies_a_trained_model(demo_run: Path, tmp_path: Path) -> None
         "--model",
         str(demo_run / "mil" / "demo_class"),
         "--features",
-        str(demo_run / "features" / "stain-texture"),
+        str(demo_run / "features" / "conceptclip"),
         "--out",
         str(out),
         "demo_000",

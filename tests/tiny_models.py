@@ -145,6 +145,140 @@ def put_in_hub_cache(model_dir: Path, cache_dir: Path, repo_id: str, revision: s
     return snap
 
 
+# --- ConceptCLIP with both towers (image + text): what stage 4 scores tiles with ---
+
+DUAL_CONFIG_CODE = """
+from transformers import PretrainedConfig
+
+
+class TinyDualConceptConfig(PretrainedConfig):
+    model_type = "tinydualconcept"
+
+    def __init__(self, image_size=64, patch_size=16, width=48, depth=2, heads=3, vocab_size=40, text_width=32,
+                 project_pooled=False, **kwargs):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.depth = depth
+        self.heads = heads
+        self.vocab_size = vocab_size
+        self.text_width = text_width
+        self.project_pooled = project_pooled
+        super().__init__(**kwargs)
+"""
+
+DUAL_MODELING_CODE = '''
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from transformers import BertConfig, BertModel, PreTrainedModel
+
+from .configuration_tinydualconcept import TinyDualConceptConfig
+
+
+class TinyDualConceptModel(PreTrainedModel):
+    """ConceptCLIP's contract in miniature, both towers: a timm ViT with attention (MAP) pooling and a BERT text tower
+    projected to the same width; logit_scale (stored as its log) and logit_bias are learnt scalars.
+    encode_image(pixel_values, normalize=False) -> (pooled, tokens); encode_text(input_ids, attention_mask=None,
+    normalize=False) -> (projected CLS, tokens); forward(pixel_values, input_ids, attention_mask) -> a dict with
+    image_features and text_features (unit rows), logit_scale (exp'd), logit_bias and the token features, so
+    logits = logit_scale * image_features @ text_features.T (+ logit_bias), as upstream. With config.project_pooled
+    (a deliberately wrong checkpoint) the forward's image_features are a projection encode_image never applies."""
+
+    config_class = TinyDualConceptConfig
+    base_model_prefix = "tinydualconcept"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.visual = VisionTransformer(
+            img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.width,
+            depth=config.depth, num_heads=config.heads, num_classes=0, global_pool="map",
+            class_token=False, mlp_ratio=2.0,
+        )
+        bert = BertConfig(vocab_size=config.vocab_size, hidden_size=config.text_width, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=80)
+        self.text = BertModel(bert, add_pooling_layer=False)
+        self.text_proj = torch.nn.Linear(config.text_width, config.width)
+        self.image_proj = torch.nn.Linear(config.width, config.width)  # patch tokens only, as upstream
+        self.pooled_proj = torch.nn.Linear(config.width, config.width)  # used only with project_pooled
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.5))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-1.0))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # timm/BERT initialised the towers already; checkpoints overwrite everything anyway
+
+    def encode_image(self, pixel_values, normalize=False):
+        tokens = self.visual.forward_features(pixel_values)
+        pooled = self.visual.forward_head(tokens)
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), tokens
+
+    def encode_text(self, input_ids, attention_mask=None, normalize=False):
+        tokens = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = self.text_proj(tokens[:, 0])
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), tokens
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **kwargs):
+        out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
+        if pixel_values is not None:
+            pooled, tokens = self.encode_image(pixel_values)
+            if self.config.project_pooled:
+                pooled = self.pooled_proj(pooled)
+            out["image_features"] = F.normalize(pooled, dim=-1)
+            out["image_token_features"] = self.image_proj(tokens)
+        if input_ids is not None:
+            text, tokens = self.encode_text(input_ids, attention_mask=attention_mask, normalize=True)
+            out["text_features"] = text
+            out["text_token_features"] = tokens
+        return out
+'''
+
+DUAL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "h", "&", "e", "image", "of", "a", "tile", "."]
+DUAL_VOCAB += ["showing", "tumour", "tumor", "stroma", "necrosis", "lymphocytes", "fat", "cells", "dense", "glass"]
+DUAL_VOCAB += ["pink", "purple", "photo", "histology", "tissue", "blue", "background", "white", "mucin", "muscle"]
+
+
+def make_tiny_dual_conceptclip(root: Path, image_size: int = 64, seed: int = 0, project_pooled: bool = False) -> Path:
+    """A ConceptCLIP-like checkpoint with both towers (remote code, BertTokenizer vocab.txt), loadable by the image
+    encoder (`encoder.name: conceptclip`) and the text tower alike. `project_pooled=True` writes a model whose
+    image-text logits use a projection of the pooled output: stored features are then not what the logits use."""
+    from transformers import AutoConfig, AutoModel
+
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "configuration_tinydualconcept.py").write_text(DUAL_CONFIG_CODE)
+    (d / "modeling_tinydualconcept.py").write_text(DUAL_MODELING_CODE)
+    auto_map = {
+        "AutoConfig": "configuration_tinydualconcept.TinyDualConceptConfig",
+        "AutoModel": "modeling_tinydualconcept.TinyDualConceptModel",
+    }
+    cfg = {
+        "model_type": "tinydualconcept",
+        "auto_map": auto_map,
+        "image_size": image_size,
+        "patch_size": 16,
+        "width": TINY_CONCEPT_WIDTH,
+        "depth": 2,
+        "heads": 3,
+        "vocab_size": len(DUAL_VOCAB),
+        "text_width": 32,
+        "project_pooled": project_pooled,
+        "architectures": ["TinyDualConceptModel"],
+    }
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    config = AutoConfig.from_pretrained(str(d), trust_remote_code=True, local_files_only=True)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, trust_remote_code=True)
+    model.save_pretrained(str(d), safe_serialization=True)
+    saved = json.loads((d / "config.json").read_text())
+    saved["auto_map"] = auto_map  # keep the remote-code pointer whatever save_pretrained wrote
+    (d / "config.json").write_text(json.dumps(saved, indent=2))
+    (d / "preprocessor_config.json").write_text(json.dumps(siglip_processor_config(image_size), indent=2))
+    (d / "vocab.txt").write_text("\n".join(DUAL_VOCAB) + "\n")
+    assert (d / "model.safetensors").is_file()
+    return d
+
+
 # --- open_clip ---
 
 TINY_OPEN_CLIP_CFG = {

@@ -1,5 +1,6 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from wsi_pipeline.slide.fingerprint import current_fingerprint
 from wsi_pipeline.slide.reader import SLIDE_ID_PATTERN
 
 CFG = load_config(config)
+# A relative encoder.path that is not under the working directory is read from the repo (the shipped demo model
+# when Snakemake runs elsewhere with --snakefile); jobs get the absolute path through the run config.
+if CFG.encoder.path and not Path(CFG.encoder.path).expanduser().exists():
+    if (Path(workflow.basedir) / CFG.encoder.path).exists():
+        CFG.encoder.path = str(Path(workflow.basedir) / CFG.encoder.path)
 COHORT = CFG.cohort()
 SLIDES = list(COHORT.index)
 # A changed sheet (labels, outcomes) must redo what reads it: stage 3 takes the sheet as an input.
@@ -82,6 +88,50 @@ def mil_task_params(wildcards):
     """The MIL rules' params: the task's and the training settings, so a change to either redoes the task."""
     return {"task": CFG.mil.task(wildcards.task).model_dump(mode="json"),
             "train": CFG.mil.train.model_dump(mode="json")}
+
+
+def concept_set_entries():
+    """explain.concept_sets as {set name: entry} (a shipped name or a YAML path); empty without explain:."""
+    if CFG.explain is None:
+        return {}
+    from wsi_pipeline.explain.concepts import load_concept_sets
+
+    sets = load_concept_sets(CFG.explain.concept_sets)
+    return {s.name: entry for s, entry in zip(sets, CFG.explain.concept_sets)}
+
+
+def concept_set_hash(name):
+    from wsi_pipeline.explain.concepts import load_concept_set, prompt_set_hash
+
+    return prompt_set_hash(load_concept_set(concept_set_entries()[name]))
+
+
+TASKS = [t.name for t in CFG.mil.tasks]
+TRAINED_TASKS = [t.name for t in CFG.mil.tasks if t.type != "zero-shot"]  # stage 3 trains these
+ZERO_SHOT_TASKS = [t.name for t in CFG.mil.tasks if t.type == "zero-shot"]  # stage 4 scores these (explain.smk)
+# name -> entry of explain.concept_sets (a shipped name or a YAML path); outputs are keyed by the set's name
+CONCEPT_SETS = concept_set_entries()
+
+
+def one_of(names):
+    """A wildcard pattern matching exactly these names (none: a pattern that matches nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def task_sheet_inputs(wildcards):
+    """A concept-bottleneck task (features: concepts:<set>) needs its concept set scored before its sheet."""
+    concept_set = CFG.mil.task(wildcards.task).concept_features
+    return [PATHS.concept_summary(ENCODER, concept_set)] if concept_set else []
+
+
+def explain_targets():
+    """The default target's stage-4 part, with explain configured: every concept set scored, every task explained (a
+    zero-shot task by the tiles its class scores came from, a trained one by its attention)."""
+    if CFG.explain is None:
+        return []
+    return expand(PATHS.concept_summary(ENCODER, "{concept_set}"), concept_set=CONCEPT_SETS) + expand(
+        PATHS.task_explain_dir("{task}") / "index.html", task=TASKS
+    )
 
 
 def tile_job(wildcards, params, log):

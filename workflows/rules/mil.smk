@@ -2,13 +2,14 @@
 # excluded.csv), patient-level splits, one job per fold (x seed), then the summary, figures and attention
 # heatmaps. Same code as the `wsi-pipeline mil-*` verbs.
 
-TASKS = [t.name for t in CFG.mil.tasks]
 FOLDS = [f"{i:02d}" for i in range(CFG.mil.n_splits)]
+
 
 
 rule mil_sheet:
     input:
         encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
+        concepts=task_sheet_inputs,
         config=RUN_CONFIG,
         samples=SAMPLE_SHEET,
     output:
@@ -46,6 +47,8 @@ rule mil_train:
         config=RUN_CONFIG,
     output:
         PATHS.task_dir("{task}") / "fold{fold}" / "metrics.json",
+    wildcard_constraints:
+        task=one_of(TRAINED_TASKS),
     params:
         mil_task_params,
     log:
@@ -66,6 +69,8 @@ rule mil_evaluate:
     output:
         summary=PATHS.task_dir("{task}") / "summary.json",
         heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
+    wildcard_constraints:
+        task=one_of(TRAINED_TASKS),
     log:
         RESULTS / "logs" / "mil" / "{task}_evaluate.log",
     conda:

@@ -3,7 +3,7 @@
 Command modules import only typer at load; each command imports its stage when it runs, so `wsi-pipeline tile`
 never loads torch and `--help` is instant."""
 
-from . import cohort, encode, mil, tile  # noqa: F401  (each module adds its commands to `app`)
+from . import cohort, encode, explain, mil, tile  # noqa: F401  (each module adds its commands to `app`)
 from .app import app
 
 __all__ = ["app"]

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import FeatureError
 
 EPS = 1e-12
+BLOCK_ROWS = 256  # rows widened to float32 at a time in `cosine_block`: ~1 MB, stays in cache
 
 
 def tile_cosine(features: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
@@ -35,6 +36,57 @@ def softmax_at_scale(cosine: np.ndarray, logit_scale: float, logit_bias: float |
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def cosine_block(
+    features: np.ndarray, embeddings_t: np.ndarray, where: str = "features", first_row: int = 0
+) -> np.ndarray:
+    """`tile_cosine` for the cohort scorer's blocks, within float32 rounding of it: (N, D) float16/32 features x
+    (D, C) unit text embeddings (transposed) -> (N, C) float32. Rows are widened to float32 a few hundred
+    at a time (cache-sized, never a float32 copy of the block) and the norms divide the product, not the features:
+    one matmul per block, so reading the features stays the larger cost. Bad rows are one FeatureError naming `where`
+    and the row (`first_row` is the block's first row in the store)."""
+    import torch
+
+    x, text = _writable(features), torch.from_numpy(_writable(embeddings_t, np.float32))
+    n, d = x.shape
+    out = np.empty((n, text.shape[1]), dtype=np.float32)
+    lengths = np.empty(n, dtype=np.float32)
+    src, res, norms = torch.from_numpy(x), torch.from_numpy(out), torch.from_numpy(lengths)
+    buf = torch.empty((min(BLOCK_ROWS, n), d), dtype=torch.float32)
+    for i in range(0, n, BLOCK_ROWS):
+        m = min(BLOCK_ROWS, n - i)
+        rows = buf[:m]
+        rows.copy_(src[i : i + m])
+        torch.mm(rows, text, out=res[i : i + m])
+        torch.linalg.vector_norm(rows, dim=1, out=norms[i : i + m])
+    if n and not np.isfinite(lengths).all():  # a NaN/inf anywhere in a row makes its norm NaN/inf
+        bad = np.flatnonzero(~np.isfinite(lengths))
+        raise FeatureError(
+            f"{where}: {len(bad)} tile features contain NaN or inf (first: row {first_row + int(bad[0])}, never "
+            "written or overflowed); re-encode the slide (wsi-pipeline encode --force)"
+        )
+    if n and (lengths < EPS).any():
+        raise FeatureError(f"{where}: {int((lengths < EPS).sum())} tile features are all zero; re-encode the slide")
+    out /= lengths[:, None]
+    return out
+
+
+def softmax_block(cosine: np.ndarray, logit_scale: float, logit_bias: float | None = None) -> np.ndarray:
+    """`softmax_at_scale` in float32 (max-subtracted, so stable), for the cohort scorer's blocks: the same
+    probabilities within float32 rounding at a third of the cost."""
+    import torch
+
+    logits = np.multiply(cosine, np.float32(logit_scale), dtype=np.float32)
+    if logit_bias:
+        logits += np.float32(logit_bias)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def _writable(a: np.ndarray, dtype: Any = None) -> np.ndarray:
+    # torch.from_numpy shares memory and warns on read-only arrays; a copy is made only when needed
+    out = np.ascontiguousarray(a, dtype=dtype)
+    return out if out.flags.writeable else out.copy()
 
 
 def _model_id(prov: dict[str, Any]) -> str:

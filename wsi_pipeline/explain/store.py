@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from ..errors import FeatureError
 from ..io.atomic import atomic_group
 from ..io.jsonio import to_jsonable
 from ..io.zarr_access import attrs_dict, read_array
+
+if TYPE_CHECKING:
+    import zarr
 
 SCORE_ARRAYS = ("cosine", "probs")
 
@@ -50,23 +53,46 @@ class ConceptScores:
         return int(self.cosine.shape[0])
 
 
+def create_score_arrays(
+    group: zarr.Group, n_rows: int, n_concepts: int, chunk_rows: int, probs: bool
+) -> dict[str, zarr.Array]:
+    """The empty arrays of a concept-score store in `group`: `cosine` (+ `probs`) and `coords`, `chunk_rows` rows
+    per chunk. Scores are stored uncompressed: float32 cosines barely compress, and compressing them would cost
+    about as much CPU as computing them."""
+    rows = max(1, min(chunk_rows, n_rows))
+    out = {
+        name: group.create_array(
+            name,
+            shape=(n_rows, n_concepts),
+            dtype="float32",
+            chunks=(rows, max(n_concepts, 1)),
+            fill_value=np.nan,
+            compressors=None,
+        )
+        for name in SCORE_ARRAYS
+        if name == "cosine" or probs
+    }
+    out["coords"] = group.create_array("coords", shape=(n_rows, 2), dtype="int64", chunks=(rows, 2), fill_value=0)
+    return out
+
+
+def finished_attrs(attrs: dict[str, Any], concepts: list[str], n_rows: int) -> dict[str, Any]:
+    """A complete store's attributes: `attrs` plus the concepts, the row count and `complete: true`."""
+    return to_jsonable({**attrs, "concepts": list(concepts), "n_tiles": n_rows, "complete": True})
+
+
 def write_concept_scores(path: str | os.PathLike[str], scores: ConceptScores, chunk_rows: int = 4096) -> Path:
     """Publish `scores` as a complete store at `path` (atomic; an existing store there is replaced)."""
     path = Path(path)
     n, c = scores.cosine.shape
-    rows = max(1, min(chunk_rows, n))
     with atomic_group(path) as g:
-        for name in SCORE_ARRAYS:
-            values = scores.cosine if name == "cosine" else scores.probs
-            if values is None:
-                continue
-            arr = g.create_array(name, shape=(n, c), dtype="float32", chunks=(rows, max(c, 1)), fill_value=np.nan)
-            if n:
-                arr[:] = values.astype(np.float32)
-        coords = g.create_array("coords", shape=(n, 2), dtype="int64", chunks=(rows, 2), fill_value=0)
+        arrays = create_score_arrays(g, n, c, chunk_rows, scores.probs is not None)
         if n:
-            coords[:] = scores.coords
-        g.attrs.update(to_jsonable({**scores.attrs, "concepts": list(scores.concepts), "n_tiles": n, "complete": True}))
+            arrays["cosine"][:] = scores.cosine.astype(np.float32)
+            if scores.probs is not None:
+                arrays["probs"][:] = scores.probs.astype(np.float32)
+            arrays["coords"][:] = scores.coords
+        g.attrs.update(finished_attrs(scores.attrs, scores.concepts, n))
     return path
 
 

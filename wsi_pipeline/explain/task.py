@@ -147,6 +147,27 @@ def explain_slide(
     return to_jsonable(record), sets  # plain JSON values: the page reads what the file says
 
 
+def top_tile_captions(results: Path, task_name: str, cfg: ExplainConfig, device: str = "cpu") -> dict[str, list[str]]:
+    """slide id -> captions of its `captioner.tiles_per_slide` highest-attention tiles, highest first (the order
+    `profiles.top_tiles` lists them in); empty without `explain.captioner`."""
+    if cfg.captioner is None:
+        return {}
+    from .captions import build_captioner, caption_slide_tiles
+
+    layout = ResultsLayout(results)
+    captioner = build_captioner(cfg.captioner, device)
+    att_dir = layout.attention_dir(task_name)
+    out: dict[str, list[str]] = {}
+    for path in sorted(p for p in att_dir.glob("*.zarr") if not is_temporary(p)) if att_dir.is_dir() else []:
+        att = read_attention(path)
+        if att.coords is None:
+            continue
+        order = np.argsort(-att.scores, kind="stable")[: cfg.captioner.tiles_per_slide]
+        sid = path.name.removesuffix(".zarr")
+        out[sid] = caption_slide_tiles(captioner, layout.tile_store(sid), att.coords[order])
+    return out
+
+
 def explain_task(
     results: Path,
     task: TaskConfig,

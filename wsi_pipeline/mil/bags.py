@@ -204,7 +204,7 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
     df[task.slide_col] = df[task.slide_col].astype(str)
     if task.type != "survival":  # classification, and zero-shot (scored against the label, nothing trained)
         df = df[df[task.label].notna()].copy()
-        values = df[task.label].astype(str)
+        values = label_strings(df[task.label])
         prompted = [str(c) for c in task.class_prompts or {}]  # zero-shot: the classes are the prompted ones
         classes = list(task.classes) if task.classes else prompted or sorted(values.unique())
         unknown = sorted(set(values) - set(classes))
@@ -236,6 +236,15 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
         )
     df["_time"], df["_event"] = times.astype(float), events.astype(int)
     return df, None
+
+
+def label_strings(labels: pd.Series) -> pd.Series:
+    """Class labels as text; whole numbers read as floats (a label column with blanks: 0.0, 1.0) stay "0", "1"."""
+    if pd.api.types.is_float_dtype(labels):
+        values = labels.to_numpy(dtype=float)
+        if np.isfinite(values).all() and (values == np.round(values)).all():
+            return labels.astype("int64").astype(str)
+    return labels.astype(str)
 
 
 def bags_from_sheet(df: pd.DataFrame, task: TaskConfig) -> list[Bag]:

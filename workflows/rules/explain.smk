@@ -1,0 +1,65 @@
+# Stage 4 (explain:, optional): tile concept scores per concept set over the cohort's feature stores, MI-Zero
+# zero-shot tasks (type: zero-shot in mil.tasks, written like trained tasks), and per trained task its concept
+# explanation (attention-weighted concept profiles, concepts.csv, slides/*.json, an HTML page).
+
+# Task lists, CONCEPT_SETS (set name -> entry of explain.concept_sets) and the helpers: common.smk
+
+
+rule concept_scores:
+    input:
+        encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
+        config=RUN_CONFIG,
+    output:
+        PATHS.concept_summary(ENCODER, "{concept_set}"),
+    params:
+        # editing a prompt or template re-scores; renaming the description does not
+        prompt_hash=lambda wc: concept_set_hash(wc.concept_set),
+        entry=lambda wc: CONCEPT_SETS[wc.concept_set],
+    wildcard_constraints:
+        concept_set=one_of(CONCEPT_SETS),
+    log:
+        RESULTS / "logs" / "explain" / "concepts_{concept_set}.log",
+    resources:
+        mem_mb=8000,
+    conda:
+        no_conda_env
+    shell:
+        wsi_command("concepts --config {input.config} --concept-set {params.entry:q} > {log} 2>&1")
+
+
+rule zero_shot:
+    input:
+        sheet=PATHS.task_dir("{task}") / "sheet.csv",
+        splits=PATHS.task_dir("{task}") / "splits.json",
+        config=RUN_CONFIG,
+    output:
+        summary=PATHS.task_dir("{task}") / "summary.json",
+        heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
+    params:
+        mil_task_params,
+    wildcard_constraints:
+        task=one_of(ZERO_SHOT_TASKS),
+    log:
+        RESULTS / "logs" / "mil" / "{task}_zero_shot.log",
+    conda:
+        no_conda_env
+    shell:
+        wsi_command("zero-shot --config {input.config} --task {wildcards.task} > {log} 2>&1")
+
+
+rule explain_task:
+    input:
+        summary=PATHS.task_dir("{task}") / "summary.json",
+        heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
+        concepts=expand(PATHS.concept_summary(ENCODER, "{concept_set}"), concept_set=CONCEPT_SETS),
+        config=RUN_CONFIG,
+    output:
+        PATHS.task_explain_dir("{task}") / "index.html",
+    params:
+        explain=lambda wc: CFG.explain.model_dump(mode="json") if CFG.explain else None,
+    log:
+        RESULTS / "logs" / "explain" / "{task}.log",
+    conda:
+        no_conda_env
+    shell:
+        wsi_command("explain --config {input.config} --task {wildcards.task} > {log} 2>&1")

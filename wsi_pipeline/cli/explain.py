@@ -1,0 +1,121 @@
+"""Stage-4 verbs: `concepts` (tile concept scores over a cohort's features), `zero-shot` (an MI-Zero task) and
+`explain` (a MIL task's concept explanation and page). Each does what its Snakemake rule in explain.smk runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .app import app, exit_with_error
+
+ConfigOpt = Annotated[Path, typer.Option(help="the run's YAML config (Snakemake writes RESULTS/run_config.yaml)")]
+TaskOpt = Annotated[str, typer.Option(help="task name from mil.tasks")]
+
+
+def _run(fn: Any) -> Any:
+    from ..errors import PipelineError
+
+    try:
+        return fn()
+    except PipelineError as err:
+        exit_with_error(err)
+
+
+def _text_device(requested: str) -> str:
+    from ..devices import resolve_device
+
+    return str(resolve_device(requested))
+
+
+@app.command("zero-shot")
+def zero_shot(config: ConfigOpt, task: TaskOpt) -> None:
+    """Score a zero-shot task (type: zero-shot): MI-Zero pooling of tile-class similarities, no training; writes
+    RESULTS/mil/TASK like a trained task (folds, summary.json with a zero_shot section) and its heatmaps."""
+    from ..config import load_config
+    from ..encoders.text import build_text_encoder
+    from ..explain.zero_shot import run_zero_shot_task, zero_shot_embeddings
+    from ..layout import ResultsLayout
+    from ..mil.heatmaps import write_heatmaps
+
+    cfg = _run(lambda: load_config(config))
+    layout = ResultsLayout(cfg.results)
+    task_cfg = _run(lambda: cfg.mil.task(task))
+    if task_cfg.type != "zero-shot":
+        exit_with_error(f"task {task!r} is a {task_cfg.type} task; zero-shot scores only tasks with type: zero-shot")
+    text = _run(lambda: build_text_encoder(cfg.encoder, _text_device(cfg.encode.device)))
+    emb = _run(lambda: zero_shot_embeddings(task_cfg, text, layout.text_cache_dir(cfg.encoder.name)))
+    summary = _run(lambda: run_zero_shot_task(layout.root, task_cfg, cfg.mil.train, cfg.encoder.name, emb))
+    _run(lambda: write_heatmaps(layout.root, task, cfg.mil.heatmap_top_k))
+    typer.echo(json.dumps({"task": task, "metrics": summary.get("metrics")}, default=str)[:4000])
+
+
+@app.command("explain")
+def explain(config: ConfigOpt, task: TaskOpt) -> None:
+    """Explain a task in concepts: per slide the attention-weighted concept profile and top tiles, per concept the
+    contrast between classes (or risk groups), heatmaps and RESULTS/mil/TASK/explain/index.html."""
+    from ..config import load_config
+    from ..explain.concepts import load_concept_sets
+    from ..explain.task import explain_task, top_tile_captions
+    from ..layout import ResultsLayout
+
+    cfg = _run(lambda: load_config(config))
+    if cfg.explain is None:
+        exit_with_error(f"{config}: no explain: section; add one (see workflows/config.yaml) to explain tasks")
+    explain_cfg = cfg.explain
+    task_cfg = _run(lambda: cfg.mil.task(task))
+    sets = _run(lambda: load_concept_sets(explain_cfg.concept_sets))
+    root = ResultsLayout(cfg.results).root
+    captions = _run(lambda: top_tile_captions(root, task, explain_cfg, _text_device(cfg.encode.device)))
+    summary = _run(
+        lambda: explain_task(root, task_cfg, cfg.encoder.name, [s.name for s in sets], explain_cfg, captions)
+    )
+    typer.echo(json.dumps(summary, default=str)[:4000])
+
+
+@app.command("concepts")
+def concepts(
+    config: ConfigOpt,
+    concept_set: Annotated[
+        list[str] | None,
+        typer.Option(help="a shipped set name or YAML path (repeatable; default: every set of explain.concept_sets)"),
+    ] = None,
+    slide: Annotated[list[str] | None, typer.Option(help="score only these slide ids (default: the cohort)")] = None,
+    force: Annotated[bool, typer.Option(help="score again even where a matching store exists")] = False,
+) -> None:
+    """Score the stored tile features against concept sets: RESULTS/explain/ENCODER/SET/{slide}.zarr (cosine and
+    softmax per tile and concept) and cohort.csv; the features are checked once against the model's own logits."""
+    from ..config import load_config
+    from ..encoders.text import build_text_encoder
+    from ..explain.concepts import load_concept_sets
+    from ..explain.config import ExplainConfig
+    from ..explain.feature_check import cohort_feature_check
+    from ..explain.scores import score_cohort
+    from ..explain.text_cache import concept_embeddings
+    from ..layout import ResultsLayout
+
+    cfg = _run(lambda: load_config(config))
+    explain_cfg = cfg.explain or ExplainConfig()
+    sets = _run(lambda: load_concept_sets(concept_set or explain_cfg.concept_sets))
+    layout = ResultsLayout(cfg.results)
+    slide_ids = slide or _run(lambda: list(cfg.cohort().index))
+    device = _text_device(cfg.encode.device)
+    text = _run(lambda: build_text_encoder(cfg.encoder, device))
+    for s in sets:
+        emb = _run(lambda s=s: concept_embeddings(text, s, layout.text_cache_dir(cfg.encoder.name)))
+        check = _run(lambda emb=emb: cohort_feature_check(layout.root, cfg.encoder, slide_ids, emb, device=device))
+        table = _run(
+            lambda emb=emb, check=check: score_cohort(
+                layout.root,
+                cfg.encoder.name,
+                slide_ids,
+                emb,
+                chunk_rows=explain_cfg.chunk_rows,
+                force=force,
+                feature_check=check,
+            )
+        )
+        counts = table["status"].value_counts().to_dict()
+        typer.echo(f"{s.name}: {len(table)} slides {counts}; feature check {check.status}")
