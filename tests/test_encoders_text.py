@@ -155,8 +155,8 @@ def test_encoders_without_text_tower(name: str) -> None:
         build_text_encoder(EncoderConfig(name=name))
     msg = str(err.value)
     assert "\n" not in msg and f"{name!r} has no text tower" in msg
-    assert "conceptclip, open_clip, whylesionclip" in msg
-    assert available_text_encoders() == ["conceptclip", "open_clip", "whylesionclip"]
+    assert "conceptclip, conceptclip-arch-random, open_clip, whylesionclip" in msg
+    assert available_text_encoders() == ["conceptclip", "conceptclip-arch-random", "open_clip", "whylesionclip"]
 
 
 # --- a ConceptCLIP-like checkpoint with a text tower: remote code, BertTokenizer (vocab.txt), logit_scale ---

@@ -6,7 +6,8 @@
     logits = tenc.logit_scale * image_emb_normalised @ concepts.T
 
 Only encoders that were trained with a text tower have one (`available_text_encoders()`); the others raise a
-one-line EncoderError. Builders live in `text_open_clip` and `text_conceptclip`, imported on first use.
+one-line EncoderError. Builders live in `text_open_clip`, `text_conceptclip` and `text_random`
+(ConceptCLIP's text architecture with random weights), imported on first use.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TextBuilder = Callable[[EncoderConfig, torch.device], "TextEncoder"]
 
 _TEXT_REGISTRY: dict[str, str | TextBuilder] = {
     "conceptclip": "wsi_pipeline.encoders.text_conceptclip:build_conceptclip_text",
+    "conceptclip-arch-random": "wsi_pipeline.encoders.text_random:build_conceptclip_arch_random_text",
     "open_clip": "wsi_pipeline.encoders.text_open_clip:build_open_clip_text",
     "whylesionclip": "wsi_pipeline.encoders.text_open_clip:build_whylesionclip_text",
 }
