@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks still pending (issues 3 and 4), one stage per device call (each well inside the 10-minute limit).
+# The GPU checks still pending (issues 3, 4 and 10), one stage per device call (each well inside the 10-minute limit).
 #
 # Here, once:  sh benchmarks/gpu/fetch_wheels.sh && bash benchmarks/gpu/run_pending.sh stage-data
 # Device call: command "bash benchmarks/gpu/run_pending.sh STAGE", carry [".whl", ".gpu_data"]
@@ -8,10 +8,12 @@
 #           encode    benchmarks/bench_encode.py at ConceptCLIP size: (a) encoder only, (b) engine (a cohort of about
 #                     20 s at the encoder's speed), (c) naive, host RSS
 #           mil-io    benchmarks/bench_mil_io.py at the issue's full size, page cache dropped (goal: ratio <= 1.2)
+#           concepts  benchmarks/bench_concept_scoring.py (issue 10): scoring rate / plain read rate on the device
+#                     machine's disk and 16 cores (goal >= 0.8; 300 slides x 10,000 tiles x 1152 x 100 concepts)
 # RUN_PENDING_DEVICE=cpu rehearses every stage on a CPU at small sizes (no figure from it is a GPU result).
 # Results land in $OUT (the device tool copies them back); copy them into benchmarks/results/ and RESULTS.md.
 set -euo pipefail
-STAGE=${1:?usage: run_pending.sh check|tests|encode|mil-io|stage-data}
+STAGE=${1:?usage: run_pending.sh check|tests|encode|mil-io|concepts|stage-data}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 
@@ -54,5 +56,11 @@ if torch.cuda.is_available() else '')" 2>&1 | tee "$log" ;;
     # shellcheck disable=SC2086
     $PY "$REPO/benchmarks/bench_mil_io.py" $size --epochs 1 --loader-threads 8 --threads 4 --device "$DEVICE" \
       --workdir /tmp --out "$OUT/mil_io_$DEVICE.json" 2>&1 | tee "$log" ;;
+  concepts)
+    size="--slides 300 --tiles 10000"
+    [ "$DEVICE" = cpu ] && size="--slides 10 --tiles 2000"
+    # shellcheck disable=SC2086
+    $PY "$REPO/benchmarks/bench_concept_scoring.py" $size --concepts 100 --rounds 2 --workdir /tmp/concept_bench \
+      --name "concept_scoring_$DEVICE" 2>&1 | tee "$log" ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
