@@ -221,7 +221,7 @@ def test_snakemake_dry_run_over_a_read_only_results_folder(slide: Path, tmp_path
     (tmp_path / "samples.csv").write_text("slide_id,path,mpp,label\ns,s.svs,,a\n")
     (tmp_path / "cfg.yaml").write_text(
         f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\n"
-        "encoder:\n  name: stain-texture\nencode:\n  num_workers: 0\n  device: cpu\nmil:\n  tasks: []\n"
+        "encoder:\n  name: stain-texture\nencode:\n  num_workers: 0\n  device: cpu\nmil:\n  tasks: []\nexplain: null\n"
     )
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(tmp_path / "cfg.yaml")]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)

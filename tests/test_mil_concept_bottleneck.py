@@ -89,3 +89,13 @@ def test_concept_task_needs_its_set_scored() -> None:
     assert cfg.mil.tasks[0].concept_features == "tissue"
     with pytest.raises(ConfigError, match="raw' or 'concepts:<concept set>"):
         load_config({"samples": "x.csv", "mil": {"tasks": [task | {"features": "tissue"}]}})
+
+
+def test_stage_4_needs_an_encoder_with_a_text_tower() -> None:
+    base = {"samples": "x.csv", "encoder": {"name": "stain-texture"}}
+    with pytest.raises(ConfigError, match="explain: section needs a text tower: encoder 'stain-texture' has no"):
+        load_config(base | {"explain": {"concept_sets": ["tissue"]}})
+    zero_shot = {"name": "zs", "type": "zero-shot", "label": "label", "class_prompts": {"a": ["x"], "b": ["y"]}}
+    with pytest.raises(ConfigError, match="zero-shot task 'zs' needs a text tower"):
+        load_config(base | {"mil": {"tasks": [zero_shot]}})
+    assert load_config(base).explain is None  # image-only encoders run stages 1-3 as before

@@ -49,6 +49,12 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tasks_have_their_concepts(self) -> PipelineConfig:
+        from .encoders.text_registry import no_text_tower_message, text_tower_builder
+
+        zero_shot = [t.name for t in self.mil.tasks if t.type == "zero-shot"]
+        if (self.explain or zero_shot) and text_tower_builder(self.encoder.name) is None:
+            needs = "the explain: section" if self.explain else f"zero-shot task {zero_shot[0]!r}"
+            raise ValueError(f"{needs} needs a text tower: {no_text_tower_message(self.encoder.name)}")
         scored = self.explain.concept_sets if self.explain else []
         for task in self.mil.tasks:
             wanted = task.concept_features

@@ -37,10 +37,10 @@ _LAZY = {
     # text towers (stage 4): prompts -> L2-normalised embeddings in the image features' space
     "TextEncoder": "wsi_pipeline.encoders.text",
     "TorchTextEncoder": "wsi_pipeline.encoders.text",
-    "available_text_encoders": "wsi_pipeline.encoders.text",
+    "available_text_encoders": "wsi_pipeline.encoders.text_registry",
     "build_concept_embeddings": "wsi_pipeline.encoders.text",
     "build_text_encoder": "wsi_pipeline.encoders.text",
-    "register_text_encoder": "wsi_pipeline.encoders.text",
+    "register_text_encoder": "wsi_pipeline.encoders.text_registry",
 }
 
 

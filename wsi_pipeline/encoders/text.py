@@ -24,6 +24,12 @@ import torch.nn.functional as F
 
 from wsi_pipeline.encoders.base import ModelSource, library_versions, weights_digest
 from wsi_pipeline.encoders.config import EncoderConfig
+from wsi_pipeline.encoders.text_registry import (  # noqa: F401  (register/available: re-exported for users)
+    available_text_encoders,
+    no_text_tower_message,
+    register_text_encoder,
+    text_tower_builder,
+)
 from wsi_pipeline.errors import ConfigError, EncoderError
 
 log = logging.getLogger(__name__)
@@ -31,13 +37,6 @@ log = logging.getLogger(__name__)
 TEXT_BATCH = 256  # prompts per forward pass
 
 TextBuilder = Callable[[EncoderConfig, torch.device], "TextEncoder"]
-
-_TEXT_REGISTRY: dict[str, str | TextBuilder] = {
-    "conceptclip": "wsi_pipeline.encoders.text_conceptclip:build_conceptclip_text",
-    "conceptclip-arch-random": "wsi_pipeline.encoders.text_random:build_conceptclip_arch_random_text",
-    "open_clip": "wsi_pipeline.encoders.text_open_clip:build_open_clip_text",
-    "whylesionclip": "wsi_pipeline.encoders.text_open_clip:build_whylesionclip_text",
-}
 
 
 class TextEncoder(abc.ABC):
@@ -179,23 +178,11 @@ def build_concept_embeddings(text_encoder: TextEncoder, prompts_per_concept: Seq
     return means / means.norm(dim=1, keepdim=True)
 
 
-def register_text_encoder(name: str, builder: str | TextBuilder) -> None:
-    """Add (or replace) a text tower: `builder(cfg, device) -> TextEncoder`, or its "module:function" path."""
-    _TEXT_REGISTRY[name] = builder
-
-
-def available_text_encoders() -> list[str]:
-    return sorted(_TEXT_REGISTRY)
-
-
 def build_text_encoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TextEncoder:
     """The text tower of the configured encoder on `device`; one-line EncoderError if it has none."""
-    builder = _TEXT_REGISTRY.get(cfg.name)
+    builder = text_tower_builder(cfg.name)
     if builder is None:
-        raise EncoderError(
-            f"encoder {cfg.name!r} has no text tower, so it cannot embed prompts; encoders with one: "
-            f"{', '.join(available_text_encoders())} (encoder.name)"
-        )
+        raise EncoderError(no_text_tower_message(cfg.name))
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"text encoder {cfg.name!r}: device {device} requested but CUDA is not available")
