@@ -19,5 +19,6 @@ rule all:
     input:
         rules.report.output,
         expand(PATHS.task_dir("{task}") / "summary.json", task=TASKS),
+        PATHS.tasks_table if TASKS else [],
         explain_targets(),
     default_target: True

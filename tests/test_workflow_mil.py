@@ -158,3 +158,14 @@ def test_concept_bottleneck_task_learns_from_concept_scores(demo_run: Path) -> N
     config = json.loads((task / "config.json").read_text())
     assert config["features_dir"].endswith("explain/conceptclip/tissue")
     assert json.loads((task / "summary.json").read_text())["metrics"]["auc"]["mean"] > 0.75
+
+
+def test_every_task_lands_in_one_table(demo_run: Path) -> None:
+    table = pd.read_csv(demo_run / "mil" / "tasks.csv").set_index("task")
+    assert list(table.index) == ["demo_class", "demo_survival", "demo_zero_shot", "demo_class_concepts"]
+    assert (
+        table.loc["demo_zero_shot", "model"] == "mi-zero (top5)" and table.loc["demo_survival", "metric"] == "c_index"
+    )
+    assert table.loc["demo_class_concepts", "features"] == "concepts:tissue"
+    summary = json.loads((demo_run / "mil" / "demo_class" / "summary.json").read_text())
+    assert table.loc["demo_class", "mean"] == pytest.approx(summary["metrics"]["auc"]["mean"])

@@ -5,6 +5,7 @@ results/
   qc/{slide}/                                     thumbnails, mask, tissue polygons
   features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
   mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
+  mil/tasks.csv                                   every task's headline metric, side by side
   attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
   explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar (+ cohort.csv)
   explain/{encoder}/text/                         cached concept text embeddings (per revision and prompt hash)
@@ -85,6 +86,11 @@ class ResultsLayout:
     # stage 3
     def task_dir(self, task: str) -> Path:
         return self.root / "mil" / task
+
+    @property
+    def tasks_table(self) -> Path:
+        """Every task's headline metric in one table (trained, zero-shot and concept-bottleneck tasks)."""
+        return self.root / "mil" / "tasks.csv"
 
     def attention_dir(self, task: str) -> Path:
         return self.root / "attention" / task

@@ -154,6 +154,15 @@ def tile_job(wildcards, params, log):
                  result.get("reason", ""))
 
 
+def tasks_table_job(log):
+    """mil/tasks.csv: every task's headline metric side by side (trained, zero-shot, concept bottleneck)."""
+    from wsi_pipeline.report.tasks import write_task_table
+
+    table = write_task_table(RESULTS, TASKS)
+    Path(log[0]).write_text(table.to_string(index=False) + "\n")
+    print(table.to_string(index=False))
+
+
 def report_job(input, log):
     """The report rule's job: report.csv/html from the tile sidecars, the failure summary printed and logged."""
     from wsi_pipeline.report.report import build_report, failure_summary

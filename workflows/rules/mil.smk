@@ -77,3 +77,14 @@ rule mil_evaluate:
         no_conda_env
     shell:
         wsi_command("mil-evaluate --config {input.config} --task {wildcards.task} > {log} 2>&1")
+
+
+rule tasks_table:
+    input:
+        expand(PATHS.task_dir("{task}") / "summary.json", task=TASKS),
+    output:
+        PATHS.tasks_table,
+    log:
+        RESULTS / "logs" / "mil" / "tasks_table.log",
+    run:
+        tasks_table_job(log)  # in workflows/rules/common.smk
