@@ -235,3 +235,27 @@ def test_captions_longer_than_the_decoder_allows(tiny_dir: Path) -> None:
 def test_missing_tile_store_is_one_line(captioner: Captioner, tmp_path: Path) -> None:
     with pytest.raises(SlideError, match="run `wsi-pipeline tile`"):
         caption_slide_tiles(captioner, tmp_path / "tiles" / "gone.zarr", np.zeros((1, 2), dtype=np.int64))
+
+
+def test_a_task_captions_each_slide_s_top_attention_tiles_in_rank_order(
+    captioner: Captioner, tiny_dir: Path, cmu_tiles: tuple[Path, np.ndarray]
+) -> None:
+    """`explain.task.top_tile_captions`: what `wsi-pipeline explain` hands the page, the top tiles by attention."""
+    import zarr
+
+    from wsi_pipeline.explain.config import ExplainConfig
+    from wsi_pipeline.explain.task import top_tile_captions
+
+    store, coords = cmu_tiles
+    results = store.parent.parent
+    att = zarr.open_group(str(ResultsLayout(results).attention_dir("t") / "cmu.zarr"), mode="w")
+    scores = np.array([0.1, 0.5, 0.2, 0.9, 0.3][: len(coords)], np.float32)
+    att.create_array("scores", data=scores)
+    att.create_array("coords", data=coords.astype(np.int64))
+    cfg = ExplainConfig.model_validate(
+        {"captioner": {"path": str(tiny_dir), "max_new_tokens": 12, "tiles_per_slide": 2}}
+    )
+    got = top_tile_captions(results, "t", cfg)
+    order = np.argsort(-scores, kind="stable")[:2]  # highest attention first, as the page lists top tiles
+    assert got == {"cmu": caption_slide_tiles(captioner, store, coords[order])}
+    assert top_tile_captions(results, "t", ExplainConfig()) == {}  # no captioner: nothing to caption
