@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): for one-line errors wrapping another."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 class PipelineError(Exception):
     """Base class: the message is a complete, single-line explanation meant for the user."""
 

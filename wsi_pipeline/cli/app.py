@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, NoReturn
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 
@@ -35,3 +36,16 @@ def exit_with_error(err: Exception | str) -> NoReturn:
     """CLI ending for a user-facing error: its one line on stderr, exit status 1, no traceback."""
     typer.echo(f"error: {' '.join(str(err).split())}", err=True)
     raise typer.Exit(code=1)
+
+
+T = TypeVar("T")
+
+
+def run_or_exit(fn: Callable[[], T]) -> T:
+    """`fn()`, or the CLI's ending for a user-facing `PipelineError` it raises (one line, exit status 1)."""
+    from ..errors import PipelineError
+
+    try:
+        return fn()
+    except PipelineError as err:
+        exit_with_error(err)

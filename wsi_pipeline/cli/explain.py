@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from .app import app, exit_with_error
+from .app import app, exit_with_error, run_or_exit
 
 ConfigOpt = Annotated[Path, typer.Option(help="the run's YAML config (Snakemake writes RESULTS/run_config.yaml)")]
 TaskOpt = Annotated[str, typer.Option(help="task name from mil.tasks")]
-
-
-def _run(fn: Any) -> Any:
-    from ..errors import PipelineError
-
-    try:
-        return fn()
-    except PipelineError as err:
-        exit_with_error(err)
 
 
 def _text_device(requested: str) -> str:
@@ -40,15 +32,15 @@ def zero_shot(config: ConfigOpt, task: TaskOpt) -> None:
     from ..layout import ResultsLayout
     from ..mil.heatmaps import write_heatmaps
 
-    cfg = _run(lambda: load_config(config))
+    cfg = run_or_exit(lambda: load_config(config))
     layout = ResultsLayout(cfg.results)
-    task_cfg = _run(lambda: cfg.mil.task(task))
+    task_cfg = run_or_exit(lambda: cfg.mil.task(task))
     if task_cfg.type != "zero-shot":
         exit_with_error(f"task {task!r} is a {task_cfg.type} task; zero-shot scores only tasks with type: zero-shot")
-    text = _run(lambda: build_text_encoder(cfg.encoder, _text_device(cfg.encode.device)))
-    emb = _run(lambda: zero_shot_embeddings(task_cfg, text, layout.text_cache_dir(cfg.encoder.name)))
-    summary = _run(lambda: run_zero_shot_task(layout.root, task_cfg, cfg.mil.train, cfg.encoder.name, emb))
-    _run(lambda: write_heatmaps(layout.root, task, cfg.mil.heatmap_top_k))
+    text = run_or_exit(lambda: build_text_encoder(cfg.encoder, _text_device(cfg.encode.device)))
+    emb = run_or_exit(lambda: zero_shot_embeddings(task_cfg, text, layout.text_cache_dir(cfg.encoder.name)))
+    summary = run_or_exit(lambda: run_zero_shot_task(layout.root, task_cfg, cfg.mil.train, cfg.encoder.name, emb))
+    run_or_exit(lambda: write_heatmaps(layout.root, task, cfg.mil.heatmap_top_k))
     typer.echo(json.dumps({"task": task, "metrics": summary.get("metrics")}, default=str)[:4000])
 
 
@@ -61,15 +53,15 @@ def explain(config: ConfigOpt, task: TaskOpt) -> None:
     from ..explain.task import explain_task, top_tile_captions
     from ..layout import ResultsLayout
 
-    cfg = _run(lambda: load_config(config))
+    cfg = run_or_exit(lambda: load_config(config))
     if cfg.explain is None:
         exit_with_error(f"{config}: no explain: section; add one (see workflows/config.yaml) to explain tasks")
     explain_cfg = cfg.explain
-    task_cfg = _run(lambda: cfg.mil.task(task))
-    sets = _run(lambda: load_concept_sets(explain_cfg.concept_sets))
+    task_cfg = run_or_exit(lambda: cfg.mil.task(task))
+    sets = run_or_exit(lambda: load_concept_sets(explain_cfg.concept_sets))
     root = ResultsLayout(cfg.results).root
-    captions = _run(lambda: top_tile_captions(root, task, explain_cfg, _text_device(cfg.encode.device)))
-    summary = _run(
+    captions = run_or_exit(lambda: top_tile_captions(root, task, explain_cfg, _text_device(cfg.encode.device)))
+    summary = run_or_exit(
         lambda: explain_task(root, task_cfg, cfg.encoder.name, [s.name for s in sets], explain_cfg, captions)
     )
     typer.echo(json.dumps(summary, default=str)[:4000])
@@ -90,32 +82,34 @@ def concepts(
     from ..config import load_config
     from ..encoders.text import build_text_encoder
     from ..explain.concepts import load_concept_sets
-    from ..explain.config import ExplainConfig
+    from ..explain.config import ConceptSet, ExplainConfig
     from ..explain.feature_check import cohort_feature_check
     from ..explain.scores import score_cohort
     from ..explain.text_cache import concept_embeddings
     from ..layout import ResultsLayout
 
-    cfg = _run(lambda: load_config(config))
+    cfg = run_or_exit(lambda: load_config(config))
     explain_cfg = cfg.explain or ExplainConfig()
-    sets = _run(lambda: load_concept_sets(concept_set or explain_cfg.concept_sets))
+    sets = run_or_exit(lambda: load_concept_sets(concept_set or explain_cfg.concept_sets))
     layout = ResultsLayout(cfg.results)
-    slide_ids = slide or _run(lambda: list(cfg.cohort().index))
+    slide_ids = slide or run_or_exit(lambda: list(cfg.cohort().index))
     device = _text_device(cfg.encode.device)
-    text = _run(lambda: build_text_encoder(cfg.encoder, device))
-    for s in sets:
-        emb = _run(lambda s=s: concept_embeddings(text, s, layout.text_cache_dir(cfg.encoder.name)))
-        check = _run(lambda emb=emb: cohort_feature_check(layout.root, cfg.encoder, slide_ids, emb, device=device))
-        table = _run(
-            lambda emb=emb, check=check: score_cohort(
-                layout.root,
-                cfg.encoder.name,
-                slide_ids,
-                emb,
-                chunk_rows=explain_cfg.chunk_rows,
-                force=force,
-                feature_check=check,
-            )
+    text = run_or_exit(lambda: build_text_encoder(cfg.encoder, device))
+
+    def score(concept_set: ConceptSet) -> str:
+        emb = concept_embeddings(text, concept_set, layout.text_cache_dir(cfg.encoder.name))
+        check = cohort_feature_check(layout.root, cfg.encoder, slide_ids, emb, device=device)
+        table = score_cohort(
+            layout.root,
+            cfg.encoder.name,
+            slide_ids,
+            emb,
+            chunk_rows=explain_cfg.chunk_rows,
+            force=force,
+            feature_check=check,
         )
         counts = table["status"].value_counts().to_dict()
-        typer.echo(f"{s.name}: {len(table)} slides {counts}; feature check {check.status}")
+        return f"{concept_set.name}: {len(table)} slides {counts}; feature check {check.status}"
+
+    for s in sets:
+        typer.echo(run_or_exit(functools.partial(score, s)))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import app, exit_with_error
+from .app import app, exit_with_error, run_or_exit
 
 ConfigOpt = Annotated[Path, typer.Option(help="the run's YAML config (Snakemake writes RESULTS/run_config.yaml)")]
 TaskOpt = Annotated[str, typer.Option(help="task name from mil.tasks")]
@@ -97,24 +97,15 @@ def bench_mil(
         exit_with_error(exc)
 
 
-def _run(fn: Any) -> Any:
-    from ..errors import PipelineError
-
-    try:
-        return fn()
-    except PipelineError as err:
-        exit_with_error(err)
-
-
 @app.command("mil-sheet")
 def mil_sheet(config: ConfigOpt, task: TaskOpt) -> None:
     """Write RESULTS/mil/TASK/sheet.csv: the slides with features (excluded ones listed in excluded.csv)."""
     from ..config import load_config
     from ..mil.workflow import write_task_sheet
 
-    cfg = _run(lambda: load_config(config))
-    task_cfg = _run(lambda: cfg.mil.task(task))
-    sheet = _run(
+    cfg = run_or_exit(lambda: load_config(config))
+    task_cfg = run_or_exit(lambda: cfg.mil.task(task))
+    sheet = run_or_exit(
         lambda: write_task_sheet(
             cfg.cohort(), Path(cfg.results), cfg.encoder.name, task_cfg.name, task_cfg.concept_features
         )
@@ -129,9 +120,9 @@ def mil_splits(config: ConfigOpt, task: TaskOpt) -> None:
     from ..layout import ResultsLayout
     from ..mil.workflow import write_task_splits
 
-    cfg = _run(lambda: load_config(config))
+    cfg = run_or_exit(lambda: load_config(config))
     out = ResultsLayout(cfg.results).task_dir(task)
-    splits = _run(lambda: write_task_splits(out / "sheet.csv", cfg.mil.task(task), cfg.mil.train, out))
+    splits = run_or_exit(lambda: write_task_splits(out / "sheet.csv", cfg.mil.task(task), cfg.mil.train, out))
     typer.echo(f"{task}: {len(splits['splits'])} splits")
 
 
@@ -145,11 +136,11 @@ def mil_train(
     from ..mil.train import train_task
     from ..mil.workflow import task_features_dir
 
-    cfg = _run(lambda: load_config(config))
+    cfg = run_or_exit(lambda: load_config(config))
     layout = ResultsLayout(cfg.results)
     out = layout.task_dir(task)
-    task_cfg = _run(lambda: cfg.mil.task(task))
-    res = _run(
+    task_cfg = run_or_exit(lambda: cfg.mil.task(task))
+    res = run_or_exit(
         lambda: train_task(
             out / "sheet.csv",
             task_features_dir(layout.root, cfg.encoder.name, task_cfg),
@@ -171,7 +162,7 @@ def mil_evaluate(config: ConfigOpt, task: TaskOpt) -> None:
     from ..mil.evaluate import evaluate_task
     from ..mil.heatmaps import write_heatmaps
 
-    cfg = _run(lambda: load_config(config))
-    summary = _run(lambda: evaluate_task(ResultsLayout(cfg.results).task_dir(task)))
-    _run(lambda: write_heatmaps(Path(cfg.results), task, cfg.mil.heatmap_top_k))
+    cfg = run_or_exit(lambda: load_config(config))
+    summary = run_or_exit(lambda: evaluate_task(ResultsLayout(cfg.results).task_dir(task)))
+    run_or_exit(lambda: write_heatmaps(Path(cfg.results), task, cfg.mil.heatmap_top_k))
     typer.echo(json.dumps(summary, default=str)[:4000])

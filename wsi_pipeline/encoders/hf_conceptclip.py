@@ -18,7 +18,7 @@ from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_fil
 from wsi_pipeline.encoders.config import CONCEPTCLIP_REPO, CONCEPTCLIP_REVISION, EncoderConfig, Preprocessing
 from wsi_pipeline.encoders.hub import download_hint, resolve_model_dir
 from wsi_pipeline.encoders.preprocess import preprocessing_from_processor_config, with_size
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.errors import EncoderError, first_line
 
 CONCEPTCLIP_PREPROCESSING = Preprocessing(size=384, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -84,7 +84,7 @@ def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") ->
             str(model_dir), trust_remote_code=cfg.trust_remote_code, local_files_only=True
         )
     except Exception as e:  # transformers raises many types; the user needs one line either way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise EncoderError(f"{what}: cannot load the model in {model_dir} ({type(e).__name__}: {first})") from e
     if not callable(getattr(model, "encode_image", None)):
         raise EncoderError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_pipeline.encoders.base import weight_files
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.errors import EncoderError, first_line
 
 
 def download_hint(repo_id: str, revision: str | None) -> str:
@@ -92,6 +92,6 @@ def _from_hub(
             f"{what}: weights for {where} are not in {cache} and downloads are off (local_files_only); {hint}"
         ) from e
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise EncoderError(f"{what}: cannot fetch {where} ({first}); {hint}") from e
     return directory, snapshot_revision(directory) or revision

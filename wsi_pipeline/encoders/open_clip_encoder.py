@@ -10,7 +10,7 @@ from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_fil
 from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing, rgb_triple
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import with_size
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.errors import EncoderError, first_line
 
 WHYLESIONCLIP = "hf-hub:yyupenn/whylesionclip"
 _HUB_FILES = ["open_clip_config.json", "*.safetensors", "*.bin"]
@@ -88,7 +88,7 @@ def build_open_clip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> T
     except EncoderError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise EncoderError(f"{what}: open_clip cannot load {source_dir} ({type(e).__name__}: {first})") from e
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:

@@ -203,8 +203,3 @@ def pooled_text(out: Any) -> torch.Tensor:
         if value is not None:
             return value
     raise EncoderError(f"encode_text returned {type(out).__name__}; expected a tensor or a (pooled, tokens) tuple")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

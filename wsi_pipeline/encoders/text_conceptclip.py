@@ -17,8 +17,8 @@ import torch
 from wsi_pipeline.encoders.base import ModelSource, weight_files
 from wsi_pipeline.encoders.config import EncoderConfig
 from wsi_pipeline.encoders.hf_conceptclip import resolve_conceptclip_dir
-from wsi_pipeline.encoders.text import TorchTextEncoder, first_line, pooled_text
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.encoders.text import TorchTextEncoder, pooled_text
+from wsi_pipeline.errors import EncoderError, first_line
 
 CONCEPTCLIP_CONTEXT_LENGTH = 77
 

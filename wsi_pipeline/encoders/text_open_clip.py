@@ -10,8 +10,8 @@ import torch
 from wsi_pipeline.encoders.base import ModelSource, weight_files
 from wsi_pipeline.encoders.config import EncoderConfig
 from wsi_pipeline.encoders.open_clip_encoder import WHYLESIONCLIP, resolve_open_clip_source
-from wsi_pipeline.encoders.text import TorchTextEncoder, first_line
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.encoders.text import TorchTextEncoder
+from wsi_pipeline.errors import EncoderError, first_line
 
 # The image side's files plus what an HF text tower's tokenizer needs (tokenizer.json, vocab, sentencepiece).
 _HUB_FILES = [

@@ -13,7 +13,7 @@ from wsi_pipeline.encoders.base import ModelSource, TorchTileEncoder, weight_fil
 from wsi_pipeline.encoders.config import EncoderConfig, Preprocessing
 from wsi_pipeline.encoders.hub import resolve_model_dir
 from wsi_pipeline.encoders.preprocess import preprocessing_from_processor_config, with_size
-from wsi_pipeline.errors import EncoderError
+from wsi_pipeline.errors import EncoderError, first_line
 
 
 def _untrained_dense_pooler(encoder: torch.nn.Module) -> bool:
@@ -36,7 +36,7 @@ def build_vision_encoder_decoder(cfg: EncoderConfig, device: torch.device | str 
     try:
         full = VisionEncoderDecoderModel.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise EncoderError(f"{what}: cannot load a VisionEncoderDecoderModel from {model_dir} ({first})") from e
     encoder = full.get_encoder()
     del full  # keep only the vision tower; the text decoder is not needed

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, EncoderError, SlideError
+from ..errors import ConfigError, EncoderError, SlideError, first_line
 from .config import CaptionerConfig
 
 if TYPE_CHECKING:
@@ -59,11 +59,6 @@ def _quiet_generation_warnings() -> None:
         gen_log.addFilter(_NoPixelMaskWarning())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _hint(cfg: CaptionerConfig) -> str:
     local = "set explain.captioner.path to a local folder holding a VisionEncoderDecoder captioning model"
     if cfg.path is not None or not cfg.model_id:
@@ -80,7 +75,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise EncoderError(f"{WHAT}: {path} is not readable JSON ({_first_line(e)}); re-download the model") from e
+        raise EncoderError(f"{WHAT}: {path} is not readable JSON ({first_line(e)}); re-download the model") from e
     return data if isinstance(data, dict) else {}
 
 
@@ -264,7 +259,7 @@ def _image_processor(model: Any, model_dir: Path, cfg: CaptionerConfig) -> tuple
             )
         except Exception as e:  # transformers raises many types; the user needs one line either way
             raise EncoderError(
-                f"{WHAT}: cannot load the image processor in {model_dir} ({type(e).__name__}: {_first_line(e)}); "
+                f"{WHAT}: cannot load the image processor in {model_dir} ({type(e).__name__}: {first_line(e)}); "
                 "fix or delete its preprocessor_config.json (CLIP normalisation is used without one)"
             ) from e
         return proc, {"image_processor": type(proc).__name__, "image_processor_source": "preprocessor_config.json"}
@@ -298,7 +293,7 @@ def build_captioner(
         )
     except Exception as e:  # transformers raises many types; the user needs one line either way
         raise EncoderError(
-            f"{WHAT}: cannot load a VisionEncoderDecoderModel from {model_dir} ({type(e).__name__}: {_first_line(e)})"
+            f"{WHAT}: cannot load a VisionEncoderDecoderModel from {model_dir} ({type(e).__name__}: {first_line(e)})"
         ) from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -306,7 +301,7 @@ def build_captioner(
         )
     except Exception as e:
         raise EncoderError(
-            f"{WHAT}: cannot load the tokenizer in {model_dir} ({type(e).__name__}: {_first_line(e)}); save the "
+            f"{WHAT}: cannot load the tokenizer in {model_dir} ({type(e).__name__}: {first_line(e)}); save the "
             "captioner's own tokenizer there (tokenizer.save_pretrained(folder))"
         ) from e
     processor, info = _image_processor(model, model_dir, cfg)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from ..errors import MissingMPPError, SlideError
+from ..errors import MissingMPPError, SlideError, first_line
 from ..machine import usable_cpus
 from .dicom import ColourCorrection, find_mislabelled_ycbcr, ycbcr_to_rgb
 
@@ -125,11 +125,6 @@ def _is_dicom_wsi(path: Path) -> bool:
         return False
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 class Slide:
     """An open slide. Use as a context manager or call `close()`; one handle per process/worker."""
 
@@ -225,7 +220,7 @@ class Slide:
         except Exception as err:  # backend-specific decode errors: one line, the file, the fix
             raise SlideError(
                 f"{self.path}: cannot read {size[0]}x{size[1]} px at {tuple(location)} level {level} "
-                f"({_first_line(err)}); the file may be truncated or corrupt, copy it again"
+                f"({first_line(err)}); the file may be truncated or corrupt, copy it again"
             ) from err
         arr = np.asarray(img)
         if self._colour is not None and level in self._colour.levels and arr.ndim == 3:
@@ -386,7 +381,7 @@ def open_slide(path: str | os.PathLike[str], backend: Backend = "auto", mpp: flo
         except SlideError:
             raise
         except Exception as err:  # each backend raises its own types; we report them together below
-            errors.append(f"{name}: {_first_line(err)}")
+            errors.append(f"{name}: {first_line(err)}")
             if name == "openslide" and _is_corrupt_not_unsupported(err):
                 # OpenSlide knows the format but the file is damaged: another reader would only read garbage.
                 raise SlideError(
