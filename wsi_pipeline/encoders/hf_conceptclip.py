@@ -64,11 +64,10 @@ def resolve_conceptclip_dir(cfg: EncoderConfig, what: str) -> tuple[Path, str | 
     return model_dir, revision, hint, repo_id
 
 
-def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
-    what = f"encoder {cfg.name!r}"
-    model_dir, revision, hint, repo_id = resolve_conceptclip_dir(cfg, what)
-    config = _read_config(model_dir, what, hint)
-    auto_map = config.get("auto_map") or {}
+def check_remote_code(model_dir: Path, cfg: EncoderConfig, what: str, hint: str, revision: str | None) -> None:
+    """One EncoderError line when the checkpoint ships its own code (`auto_map`) and the config has not allowed it
+    (encoder.trust_remote_code); the image and the text tower load through here."""
+    auto_map = _read_config(model_dir, what, hint).get("auto_map") or {}
     if auto_map and not cfg.trust_remote_code:
         code = sorted({str(v).split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
         raise EncoderError(
@@ -76,6 +75,12 @@ def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") ->
             f"encoder.trust_remote_code: true in the config, which you should set only for a source you trust "
             f"(revision {revision or 'unpinned'})"
         )
+
+
+def build_conceptclip(cfg: EncoderConfig, device: torch.device | str = "cpu") -> TorchTileEncoder:
+    what = f"encoder {cfg.name!r}"
+    model_dir, revision, hint, repo_id = resolve_conceptclip_dir(cfg, what)
+    check_remote_code(model_dir, cfg, what, hint, revision)
 
     from transformers import AutoModel
 

@@ -203,3 +203,19 @@ def pooled_text(out: Any) -> torch.Tensor:
         if value is not None:
             return value
     raise EncoderError(f"encode_text returned {type(out).__name__}; expected a tensor or a (pooled, tokens) tuple")
+
+
+def bert_token_functions(
+    tokenizer: Any, context_length: int
+) -> tuple[Callable[[list[str]], dict[str, torch.Tensor]], Callable[[str], int]]:
+    """(tokenize, count) for a Hugging Face BERT-style tokenizer: prompts padded to and truncated at
+    `context_length` (input_ids + attention_mask), and a prompt's untruncated length in tokens."""
+
+    def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    return tokenize, count

@@ -24,7 +24,7 @@ import torch
 
 from wsi_pipeline.encoders.base import ModelSource
 from wsi_pipeline.encoders.config import EncoderConfig
-from wsi_pipeline.encoders.text import TorchTextEncoder
+from wsi_pipeline.encoders.text import TorchTextEncoder, bert_token_functions
 
 CONTEXT_LENGTH = 77
 EMBED_DIM = 1152  # the image side's width (vit_so400m_patch14_siglip_384)
@@ -103,18 +103,13 @@ def build_conceptclip_arch_random_text(cfg: EncoderConfig, device: torch.device 
     tokenizer = build_tokenizer(generated_vocab())
     dtype = _AUTOCAST_DTYPES.get(cfg.precision) if device.type == "cuda" else None
 
-    def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    tokenize, count = bert_token_functions(tokenizer, CONTEXT_LENGTH)
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Reduced precision only on CUDA, as the image side: on CPU it is slower and changes the numbers.
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
             return model(batch["input_ids"], batch["attention_mask"])
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
     source = ModelSource(model_id=f"random:PubMedBERT-base+proj{EMBED_DIM}:seed{RANDOM_SEED}", random_weights=True)
     return TorchTextEncoder(
