@@ -103,7 +103,7 @@ def concept_set_entries():
 def concept_set_hash(name):
     from wsi_pipeline.explain.concepts import load_concept_set, prompt_set_hash
 
-    return prompt_set_hash(load_concept_set(concept_set_entries()[name]))
+    return prompt_set_hash(load_concept_set(CONCEPT_SETS[name]))
 
 
 TASKS = [t.name for t in CFG.mil.tasks]

@@ -18,6 +18,7 @@ from ..errors import PipelineError
 from ..io.atomic import write_bytes_atomic
 from ..io.zarr_access import attrs_dict
 from ..layout import ResultsLayout
+from ..mil.heatmaps import read_plain_thumbnail
 from ..mil.plots import attention_heatmap  # also puts matplotlib on its file-only backend
 from ..tiling.qc import write_png
 from .profiles import SetProfile
@@ -56,13 +57,7 @@ def load_slide_picture(layout: ResultsLayout, slide_id: str) -> SlidePicture:
         raise PipelineError(
             f"{store}: cannot read the tile store ({type(e).__name__}: {e}); rerun `wsi-pipeline tile` for {slide_id}"
         ) from None
-    path = layout.qc_dir(slide_id) / "thumbnail_plain.png"
-    if not path.exists():  # tiled by an earlier version: the QC thumbnail, drawings and all
-        path = path.with_name("thumbnail.png")
-    bgr = cv2.imread(str(path))
-    if bgr is None:
-        raise PipelineError(f"{path}: cannot read the slide thumbnail; rerun `wsi-pipeline tile` for {slide_id}")
-    thumb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    thumb = read_plain_thumbnail(layout, slide_id)
     return SlidePicture(thumb, thumb.shape[1] / width, tile, attrs)
 
 

@@ -17,12 +17,26 @@ def rank01(scores: np.ndarray) -> np.ndarray:
     return ranks / max(len(scores) - 1, 1)
 
 
-def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
-    """Per slide with attention: heatmap over the plain slide thumbnail and a gallery of the top-k tiles (PNGs)."""
+def read_plain_thumbnail(layout: ResultsLayout, slide_id: str) -> np.ndarray:
+    """The slide's plain QC thumbnail (RGB), the base of every heatmap; a slide tiled by an earlier version has only
+    the QC thumbnail with its drawings. An unreadable one is one PipelineError line."""
     import cv2
-    import zarr
 
     from ..errors import PipelineError
+
+    path = layout.qc_dir(slide_id) / "thumbnail_plain.png"
+    if not path.exists():
+        path = path.with_name("thumbnail.png")
+    bgr = cv2.imread(str(path))
+    if bgr is None:
+        raise PipelineError(f"{path}: cannot read the slide thumbnail; rerun `wsi-pipeline tile` for {slide_id}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
+    """Per slide with attention: heatmap over the plain slide thumbnail and a gallery of the top-k tiles (PNGs)."""
+    import zarr
+
     from ..io.zarr_access import attrs_dict, read_array
     from ..slide.reader import open_slide
     from ..tiling.geometry import geometry_from_attrs, read_tile
@@ -39,13 +53,7 @@ def write_heatmaps(results: Path, task: str, top_k: int) -> dict[str, Any]:
         tiles = zarr.open_group(str(layout.tile_store(sid)), mode="r")
         attrs = attrs_dict(tiles)
         coords = read_array(att, "coords") if "coords" in att else read_array(tiles, "coords")
-        thumb_path = layout.qc_dir(sid) / "thumbnail_plain.png"
-        if not thumb_path.exists():  # tiled by an earlier version: the QC thumbnail, drawings and all
-            thumb_path = thumb_path.with_name("thumbnail.png")
-        thumb_bgr = cv2.imread(str(thumb_path))
-        if thumb_bgr is None:
-            raise PipelineError(f"{thumb_path}: cannot read the slide thumbnail; rerun the tile stage for {sid}")
-        thumb = cv2.cvtColor(thumb_bgr, cv2.COLOR_BGR2RGB)
+        thumb = read_plain_thumbnail(layout, sid)
         scale = thumb.shape[1] / float(attrs["slide_dimensions"][0])  # thumbnail px per level-0 px
         heat = attention_heatmap(thumb, coords, float(attrs["tile_size_level0"]), scores, scale)
         write_png(out / f"{sid}_heatmap.png", heat)
