@@ -95,3 +95,16 @@ def test_fluorescence_through_a_brightfield_encoder_is_warned_about_in_the_repor
     row = table.set_index("slide_id").loc["fl"]
     assert row["modality"] == "fluorescence" and "brightfield" in row["warnings"]
     assert "CHECK fl:" in failure_summary(table)
+
+
+def test_glass_chroma_matches_opencv_lab() -> None:
+    """The closed-form sRGB -> CIELAB chroma agrees with OpenCV's Lab conversion (float path) to 0.5."""
+    import cv2
+
+    from wsi_pipeline.tiling.modality import glass_chroma
+
+    rng = np.random.default_rng(0)
+    for colour in [(255, 255, 255), (0, 0, 0), (240, 128, 128), (236, 234, 240), *rng.integers(0, 256, (300, 3))]:
+        lab = cv2.cvtColor(np.array([[colour]], np.float32) / 255.0, cv2.COLOR_RGB2LAB)[0, 0]
+        expected = float(np.hypot(lab[1], lab[2]))
+        assert abs(glass_chroma(tuple(int(v) for v in colour)) - expected) < 0.5, colour

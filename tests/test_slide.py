@@ -9,7 +9,8 @@ import openslide
 import pytest
 
 from wsi_pipeline.errors import MissingMPPError, SlideError
-from wsi_pipeline.slide.reader import default_slide_id, open_slide
+from wsi_pipeline.slide.ids import default_slide_id
+from wsi_pipeline.slide.reader import open_slide
 
 
 def test_cmu_metadata_matches_openslide(cmu_slide: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .explain.config import ExplainConfig
 from .io.yamlio import read_yaml_mapping
 from .mil.config import MILConfig
-from .tiling.config import TilingParams, TissueParams
+from .tiling.config import DEFAULT_BACKEND, Backend, TilingParams, TissueParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,7 +37,7 @@ class PipelineConfig(BaseModel):
         "or a glob of slide files such as /data/*.svs",
     )
     results: str = Field("results", description="output folder")
-    backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
+    backend: Backend = Field(DEFAULT_BACKEND, description="slide reader")
     tiling: TilingParams = Field(default_factory=TilingParams)
     tissue: TissueParams = Field(default_factory=TissueParams)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)

@@ -9,7 +9,7 @@ from wsi_pipeline.devices import cuda_present
 from wsi_pipeline.jobguard import export_parent_pid
 from wsi_pipeline.layout import ResultsLayout
 from wsi_pipeline.slide.fingerprint import current_fingerprint
-from wsi_pipeline.slide.reader import SLIDE_ID_PATTERN
+from wsi_pipeline.slide.ids import SLIDE_ID_PATTERN
 
 CFG = load_config(config)
 # A relative encoder.path that is not under the working directory is read from the repo (the shipped demo model

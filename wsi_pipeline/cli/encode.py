@@ -36,7 +36,7 @@ def encode(
     from ..errors import PipelineError
     from ..io.faults import describe_os_error
     from ..layout import STATUS_FAILED
-    from ..slide.reader import default_slide_id
+    from ..slide.ids import default_slide_id
 
     try:
         cfg = load_config(config)

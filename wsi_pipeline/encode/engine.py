@@ -167,7 +167,7 @@ def write_feature_store(
         cw = ShardWriter(coords)
         cw.append(table.coords[start:stop])
         cw.close()
-        g.attrs.update({**_store_attrs(slide_id, table, cfg, handle, params, layout, n, results), **extra})
+        g.update_attributes({**_store_attrs(slide_id, table, cfg, handle, params, layout, n, results), **extra})
         final_batch = params.batch_size
         if n:
             source.check_unchanged()
@@ -183,7 +183,7 @@ def write_feature_store(
                 prefetch_factor=params.prefetch_factor,
                 context=f"{slide_id} (encoder {cfg.name})",
             )
-        g.attrs.update({"complete": True, "batch_size_final": final_batch})
+        g.update_attributes({"complete": True, "batch_size_final": final_batch})
     return final_batch
 
 

@@ -138,7 +138,7 @@ def _merge(final: Path, parts: list[Path], table: TileTable, params: EncodeParam
         attrs.update(
             n_tiles=n, layout=layout.to_dict(), batch_size_final=final_batch, merged_parts=len(parts), complete=True
         )
-        g.attrs.update(attrs)
+        g.update_attributes(attrs)
     return final_batch
 
 

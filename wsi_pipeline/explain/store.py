@@ -92,7 +92,7 @@ def write_concept_scores(path: str | os.PathLike[str], scores: ConceptScores, ch
             if scores.probs is not None:
                 arrays["probs"][:] = scores.probs.astype(np.float32)
             arrays["coords"][:] = scores.coords
-        g.attrs.update(finished_attrs(scores.attrs, scores.concepts, n))
+        g.update_attributes(finished_attrs(scores.attrs, scores.concepts, n))
     return path
 
 

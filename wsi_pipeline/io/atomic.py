@@ -9,7 +9,6 @@ overwrite.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import glob
 import os
@@ -163,7 +162,7 @@ def atomic_group(final_path: str | os.PathLike[str], overwrite: bool = True) -> 
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(final_path)
     try:
-        import zarr  # here: a tile job imports it while its slide decodes (tiling/stage.py)
+        import zarr  # here: the tile job writes its small table without it (io/small_zarr.py)
 
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         yield group
@@ -178,6 +177,8 @@ def settle_zarr_writes(timeout_s: float = 60.0) -> None:
     """Wait for Zarr writes still in flight: when one chunk write fails (a full disk), the others go on running on
     Zarr's I/O loop; removing the store under them would let them recreate its folders (a temporary left behind),
     and their errors would be printed at exit as tracebacks of futures nobody retrieved."""
+    import asyncio  # here: asyncio costs ~20 ms to import and only Zarr writers need it
+
     from zarr.core import sync as zarr_sync
 
     loop = zarr_sync.loop[0]

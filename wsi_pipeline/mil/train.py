@@ -105,7 +105,7 @@ def write_attention(att_dir: Path, store: ZarrStore, bag: Bag, scores: np.ndarra
                 group.create_array("coords", data=store.coords(sid).astype(np.int64))
             except KeyError:  # a feature store without coords: scores stay usable in tile order
                 pass
-            group.attrs.update(to_jsonable({**meta, "slide_id": sid, "bag_id": bag.bag_id}))
+            group.update_attributes(to_jsonable({**meta, "slide_id": sid, "bag_id": bag.bag_id}))
         start += n
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from .reader import MPP_PLAUSIBLE, default_slide_id, slide_id_problem
+from .ids import default_slide_id, slide_id_problem
+from .reader import MPP_PLAUSIBLE
 
 log = logging.getLogger(__name__)
 

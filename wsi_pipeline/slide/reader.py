@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
-import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -24,11 +22,10 @@ import numpy as np
 from ..errors import MissingMPPError, SlideError, first_line
 from ..machine import usable_cpus
 from .dicom import ColourCorrection, find_mislabelled_ycbcr, ycbcr_to_rgb
+from .tiff_levels import TiffLevels
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
-# Slide ids name files, folders and Snakemake jobs: this pattern everywhere (the workflow's wildcard too).
-SLIDE_ID_PATTERN = r"[A-Za-z0-9._-]+"
 # Outside this range a resolution is a metadata error (e.g. a 72 dpi default), not a microscope.
 MPP_PLAUSIBLE = (0.05, 50.0)
 # Bands of this many rows keep memory bounded when a whole level (or a flat slide) is downsampled for the mask.
@@ -73,27 +70,6 @@ class SlideInfo:
         return d
 
 
-def default_slide_id(path: str | os.PathLike[str]) -> str:
-    """A valid slide id from the file name without its extension(s) (the folder name for a DICOM folder): letters
-    other than ASCII lose their accents, and runs of other characters (spaces, brackets, ...) become one '_'."""
-    p = Path(path)
-    name = p.name if p.is_dir() else p.stem
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if p.name.lower().endswith(suffix):
-            name = p.name[: -len(suffix)]
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("_") or "slide"
-
-
-def slide_id_problem(slide_id: str) -> str | None:
-    """Why `slide_id` cannot name files and Snakemake jobs, or None when it can (the one rule for every stage)."""
-    if not slide_id:
-        return "empty slide id"
-    if not re.fullmatch(SLIDE_ID_PATTERN, slide_id):
-        return f"slide id {slide_id!r} has characters other than letters, digits, '.', '_', '-'"
-    return None
-
-
 def _resolve_path(path: Path) -> Path:
     """Check existence/size; a DICOM folder resolves to one of its .dcm files (OpenSlide opens the set from it)."""
     if not path.exists():
@@ -135,6 +111,7 @@ class Slide:
         self._opened_path = opened_path
         self.info = self._read_info(mpp)
         self._colour: ColourCorrection | None = None
+        self._direct: TiffLevels | Literal[False] | None = None  # opened on the first whole-level read
         if backend == "openslide" and self.info.vendor == "dicom":
             # OpenSlide trusts PhotometricInterpretation; a converter that wrote RGB over YCbCr JPEG frames would
             # otherwise give cyan tissue, a wrong mask and wrong features with status ok
@@ -273,19 +250,38 @@ class Slide:
     def read_level_scaled(self, level: int, scale: float) -> np.ndarray:
         """A whole level resized by `scale` (<1 shrinks), read in bands so memory stays bounded."""
         w, h = self.info.level_dimensions[level]
-        ds = self.info.level_downsamples[level]
         out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
         bands = []
-        done_rows = 0
-        for y in range(0, h, BAND_ROWS):
-            rows = min(BAND_ROWS, h - y)
-            band = self.read_region_threaded((0, int(round(y * ds))), level, (w, rows))
-            target_rows = round((y + rows) * scale) - done_rows if y + rows < h else out_h - done_rows
+        done_rows = read_rows = 0
+        for band in self._level_bands(level):
+            read_rows += band.shape[0]
+            target_rows = round(read_rows * scale) - done_rows if read_rows < h else out_h - done_rows
             if target_rows <= 0:
                 continue
             bands.append(cv2.resize(band, (out_w, target_rows), interpolation=cv2.INTER_AREA))
             done_rows += target_rows
         return np.concatenate(bands, axis=0)
+
+    def _level_bands(self, level: int) -> Iterator[np.ndarray]:
+        """A whole level in bands of BAND_ROWS rows: decoded straight from its TIFF tiles where that gives the
+        same pixels (tiff_levels.py), else through the backend's read_region."""
+        if self._direct is None and self.backend == "openslide" and self._colour is None:
+            self._direct = (
+                TiffLevels.open(self._opened_path, self.info.vendor, self.info.level_dimensions, usable_cpus()) or False
+            )
+        if self._direct and self._direct.has_level(level):
+            try:
+                yield from self._direct.bands(level, BAND_ROWS)
+            except Exception as err:  # a corrupt tile: the same one line as a failed read_region
+                raise SlideError(
+                    f"{self.path}: cannot decode level {level} ({first_line(err)}); the file may be truncated "
+                    "or corrupt, copy it again"
+                ) from err
+            return
+        w, h = self.info.level_dimensions[level]
+        ds = self.info.level_downsamples[level]
+        for y in range(0, h, BAND_ROWS):
+            yield self.read_region_threaded((0, int(round(y * ds))), level, (w, min(BAND_ROWS, h - y)))
 
     def thumbnail_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
         """An RGB image of the whole slide at ~`target_mpp` µm/px; returns it and its exact level-0 scale factor."""
@@ -322,6 +318,8 @@ class Slide:
         return img
 
     def close(self) -> None:
+        if self._direct:
+            self._direct.close()
         if (close := getattr(self._handle, "close", None)) is not None:
             close()
 

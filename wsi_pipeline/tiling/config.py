@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Backend = Literal["auto", "openslide", "tiffslide"]
+DEFAULT_BACKEND: Backend = "auto"  # the `backend:` default: OpenSlide, then TiffSlide
+
 
 class TilingParams(BaseModel):
     """Tile geometry: `tile_px` x `tile_px` pixels at `target_mpp` µm/px (256 px at 0.5 µm/px = 128 µm, 20x)."""

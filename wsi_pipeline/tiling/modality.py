@@ -46,10 +46,19 @@ def background_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[int, int, int] 
     return (int(med[0]), int(med[1]), int(med[2]))
 
 
+# sRGB (D65) -> CIE XYZ, and the D65 white point: the constants OpenCV's RGB2Lab uses (a test checks against it).
+_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
+_WHITE_XYZ = np.array([0.950456, 1.0, 1.088754])
+
+
 def glass_chroma(colour: tuple[int, int, int]) -> float:
-    """CIELAB chroma (distance from grey) of one RGB colour."""
-    lab = cv2.cvtColor(np.array([[colour]], dtype=np.uint8), cv2.COLOR_RGB2LAB)[0, 0].astype(float)
-    return float(np.hypot(lab[1] - 128.0, lab[2] - 128.0))
+    """CIELAB chroma (distance from grey) of one RGB colour. Closed form rather than cv2.cvtColor: OpenCV builds
+    its Lab tables on first use (~70 ms, paid by every tile job for one pixel)."""
+    c = np.asarray(colour, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = _RGB_TO_XYZ @ linear / _WHITE_XYZ
+    f = np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16.0 / 116.0)
+    return float(np.hypot(500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])))
 
 
 def colour_warning(colour: tuple[int, int, int] | None) -> str | None:

@@ -6,10 +6,8 @@ reason), so a cohort run records a bad slide and carries on; the Zarr store is o
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-import wsi_pipeline  # its __version__ is read on first use (package metadata costs start-up time)
-
+from .. import __version__
 from ..errors import ConfigError, PipelineError
 from ..io.atomic import remove_stale_temporaries
 from ..io.faults import TILE_NEED, TILE_OUTPUT_BYTES, StorageError, describe_os_error
 from ..layout import STATUS_FAILED, STATUS_NO_TISSUE, STATUS_OK, ResultsLayout
 from ..slide.fingerprint import slide_fingerprint
-from ..slide.reader import Slide, default_slide_id, open_slide, slide_id_problem
+from ..slide.ids import default_slide_id, slide_id_problem
+from ..slide.reader import Slide, open_slide
 from .config import TilingParams, TissueParams
 from .geometry import TileGeometry, grid_coords, plan_geometry
 from .modality import background_rgb, colour_warning, detect_modality
@@ -47,8 +45,6 @@ def tile_slide(
     tissue: TissueParams | None = None,
 ) -> TileSidecar:
     """Tile one slide into `results`; never raises for a bad slide: the returned sidecar says what happened."""
-    # zarr (the tile store) takes ~0.15 s to import: done on a thread while the slide decodes, which frees the GIL
-    threading.Thread(target=importlib.import_module, args=("zarr",), daemon=True).start()
     tiling = tiling or TilingParams()
     tissue = tissue or TissueParams()
     slide_id = slide_id or default_slide_id(path)
@@ -60,7 +56,7 @@ def tile_slide(
     sidecar = TileSidecar(
         slide_id=slide_id,
         path=str(path),
-        package_version=wsi_pipeline.__version__,
+        package_version=__version__,
         tiling=tiling.model_dump(),
         tissue_params=tissue.model_dump(),
         mpp_override=mpp,
@@ -103,38 +99,37 @@ def _tile_open_slide(
     base, base_scale = slide.thumbnail_at_mpp(min(qc_mpp, tissue.mask_mpp))
     mask_img, mask_scale = _shrink_to(base, base_scale, tissue.mask_mpp / geometry.slide_mpp)
     qc_img, qc_scale = _shrink_to(base, base_scale, qc_mpp / geometry.slide_mpp)
-    modality = detect_modality(mask_img) if tissue.modality == "auto" else tissue.modality
-    mask = compute_tissue_mask(mask_img, mask_scale * geometry.slide_mpp, tissue, modality)
-    # Brightfield glass is near-neutral: strongly coloured glass means the colours were read wrongly.
-    glass = background_rgb(mask_img, mask.mask) if modality == "brightfield" else None
-    warnings = [w for w in (colour_warning(glass),) if w]
-    for w in warnings:
-        log.warning("%s: %s", slide_id, w)
-
-    coords = grid_coords(width, height, geometry)
-    fractions = _tile_fractions(mask, coords, geometry, mask_scale)
-    keep = fractions >= tiling.min_tissue_fraction if tiling.min_tissue_fraction > 0 else np.ones(len(coords), bool)
-    coords, fractions = coords[keep], fractions[keep]
-    status = STATUS_OK if len(coords) else STATUS_NO_TISSUE
-
     qc_dir = layout.qc_dir(slide_id)
     qc_dir.mkdir(parents=True, exist_ok=True)
-    mask_png, geojson_path, thumb_png = (qc_dir / "mask.png", qc_dir / "tissue.geojson", qc_dir / "thumbnail.png")
-    plain_png = qc_dir / "thumbnail_plain.png"  # no drawings: the base for attention heatmaps
-    rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
-    store = layout.tile_store(slide_id)
-    # PNG encoding releases the GIL: the pictures are written on threads while this one writes the tile table.
+    # PNG encoding releases the GIL: the pictures are encoded on threads while this one masks and writes the table.
     with ThreadPoolExecutor(3) as pool:
-        pictures: list[Future[Any]] = [
-            pool.submit(write_png, plain_png, qc_img),
-            pool.submit(write_mask_png, mask, mask_png),
+        pictures: list[Future[Any]] = [pool.submit(write_png, qc_dir / "thumbnail_plain.png", qc_img)]
+        modality = detect_modality(mask_img) if tissue.modality == "auto" else tissue.modality
+        mask = compute_tissue_mask(mask_img, mask_scale * geometry.slide_mpp, tissue, modality)
+        # Brightfield glass is near-neutral: strongly coloured glass means the colours were read wrongly.
+        glass = background_rgb(mask_img, mask.mask) if modality == "brightfield" else None
+        warnings = [w for w in (colour_warning(glass),) if w]
+        for w in warnings:
+            log.warning("%s: %s", slide_id, w)
+        pictures.append(pool.submit(write_mask_png, mask, qc_dir / "mask.png"))
+
+        coords = grid_coords(width, height, geometry)
+        fractions = _tile_fractions(mask, coords, geometry, mask_scale)
+        keep = fractions >= tiling.min_tissue_fraction if tiling.min_tissue_fraction > 0 else np.ones(len(coords), bool)
+        coords, fractions = coords[keep], fractions[keep]
+        status = STATUS_OK if len(coords) else STATUS_NO_TISSUE
+
+        rings = [np.asarray(ring, dtype=np.float64) * mask_scale for poly in mask.contours for ring in _rings(poly)]
+        pictures.append(
             pool.submit(
                 lambda: write_png(
-                    thumb_png, draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0)
+                    qc_dir / "thumbnail.png",
+                    draw_qc_thumbnail(qc_img, qc_scale, rings, coords, geometry.tile_size_level0),
                 )
-            ),
-        ]
-        write_geojson(mask, geojson_path, level0_scale=mask_scale, slide_id=slide_id)
+            )
+        )
+        write_geojson(mask, qc_dir / "tissue.geojson", level0_scale=mask_scale, slide_id=slide_id)
+        store = layout.tile_store(slide_id)
         remove_stale_temporaries(store)
         attrs = _store_attrs(slide, geometry, slide_id, mask, tissue, tiling, status) | {
             "slide_fingerprint": fingerprint,
@@ -156,10 +151,10 @@ def _tile_open_slide(
         "geometry": geometry.to_dict(),
         "store": layout.rel(store),
         "qc": {
-            "thumbnail": layout.rel(thumb_png),
-            "thumbnail_plain": layout.rel(plain_png),
-            "mask": layout.rel(mask_png),
-            "geojson": layout.rel(geojson_path),
+            "thumbnail": layout.rel(qc_dir / "thumbnail.png"),
+            "thumbnail_plain": layout.rel(qc_dir / "thumbnail_plain.png"),  # no drawings: base for heatmaps
+            "mask": layout.rel(qc_dir / "mask.png"),
+            "geojson": layout.rel(qc_dir / "tissue.geojson"),
         },
     }
 
@@ -226,6 +221,6 @@ def _store_attrs(
         "tissue_area_mm2": float(mask.area_mm2),
         "tissue_params": tissue.model_dump(),
         "mask_threshold": float(mask.threshold),
-        "package_version": wsi_pipeline.__version__,
+        "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

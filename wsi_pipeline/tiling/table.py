@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..io.atomic import atomic_group, row_chunks
+from ..io.atomic import row_chunks
 from ..io.jsonio import to_jsonable
+from ..io.small_zarr import write_small_group
 
 
 @dataclass
@@ -33,11 +34,14 @@ def write_tile_table(
     fractions = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
     if len(coords) != len(fractions):
         raise ValueError("coords and tissue_fraction differ in length")
-    with atomic_group(path) as g:
-        chunk = row_chunks(len(coords), 16, target_bytes=1 << 22)
-        g.create_array("coords", shape=coords.shape, dtype="int64", chunks=(chunk, 2))[...] = coords
-        g.create_array("tissue_fraction", shape=fractions.shape, dtype="float32", chunks=(chunk,))[...] = fractions
-        g.attrs.update(to_jsonable({**attrs, "n_tiles": int(len(coords))}))
+    chunk = row_chunks(len(coords), 16, target_bytes=1 << 22)
+    # Written without zarr (io/small_zarr.py): importing it would cost every tile job ~0.2 s; readers use zarr.
+    write_small_group(
+        path,
+        {"coords": coords, "tissue_fraction": fractions},
+        {"coords": chunk, "tissue_fraction": chunk},
+        to_jsonable({**attrs, "n_tiles": int(len(coords))}),
+    )
 
 
 def read_tile_table(path: str | os.PathLike[str]) -> TileTable:

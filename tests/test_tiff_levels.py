@@ -1,0 +1,114 @@
+"""Whole levels decoded straight from TIFF tiles (slide/tiff_levels.py) give OpenSlide's pixels, or are not used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_pipeline.errors import SlideError
+from wsi_pipeline.layout import STATUS_FAILED
+from wsi_pipeline.slide.reader import Slide, open_slide
+from wsi_pipeline.slide.tiff_levels import TiffLevels
+from wsi_pipeline.synthetic import write_synthetic_slide
+from wsi_pipeline.tiling.stage import tile_slide
+
+
+def _both_ways(slide: Slide, level: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The level read through the direct decoder (where it applies) and through OpenSlide alone."""
+    slide._direct = None  # noqa: SLF001 - the test switches the shortcut on and off on one open slide
+    direct = slide.read_level_scaled(level, scale)
+    used = bool(slide._direct and slide._direct.has_level(level))  # noqa: SLF001
+    slide._direct = False  # noqa: SLF001
+    return direct, slide.read_level_scaled(level, scale), used
+
+
+@pytest.mark.parametrize(
+    ("fmt", "compression", "suffix", "tile"),
+    [
+        ("svs", "jpeg", ".svs", 240),  # Aperio: RGB JPEG tiles with shared JPEG tables, 240 px as Aperio writes
+        ("tiff", "jpeg", ".tif", 256),  # generic TIFF: YCbCr JPEG
+        ("tiff", "zlib", ".tif", 256),
+        ("tiff", "lzw", ".tif", 256),
+        ("tiff", "none", ".tif", 256),
+    ],
+)
+def test_every_level_equals_openslide(tmp_path: Path, fmt: str, compression: str, suffix: str, tile: int) -> None:
+    """Width and height off the tile grid, so edge tiles are cropped; scale 1 and a shrink both match exactly."""
+    path = tmp_path / f"s{suffix}"
+    write_synthetic_slide(path, width=3000, height=2100, fmt=fmt, compression=compression, tile_size=tile)
+    with open_slide(path) as slide:
+        assert slide.level_count >= 2
+        for level in range(slide.level_count):
+            for scale in (1.0, 0.37):
+                direct, reference, used = _both_ways(slide, level, scale)
+                assert used, (fmt, compression, level)
+                np.testing.assert_array_equal(direct, reference)
+
+
+def test_real_aperio_slide_equals_openslide(cmu_slide: Path) -> None:
+    with open_slide(cmu_slide) as slide:
+        direct, reference, used = _both_ways(slide, 0, 0.25)
+        assert used and direct.shape == reference.shape
+        np.testing.assert_array_equal(direct, reference)
+
+
+def test_jpeg2000_levels_are_left_to_openslide(tcga_slide: Path) -> None:
+    """Aperio JPEG 2000 (33005) is not decoded here: the read goes through OpenSlide and still works."""
+    with open_slide(tcga_slide, mpp=0.5) as slide:
+        levels = TiffLevels.open(tcga_slide, slide.info.vendor, slide.info.level_dimensions, 2)
+        assert levels is None
+        direct, reference, used = _both_ways(slide, slide.level_count - 1)
+        assert not used
+        np.testing.assert_array_equal(direct, reference)
+
+
+def test_other_vendors_and_ome_subifds_are_not_claimed(tmp_path: Path) -> None:
+    path = tmp_path / "s.svs"
+    write_synthetic_slide(path, width=1024, height=768)
+    with open_slide(path) as slide:
+        assert TiffLevels.open(path, "hamamatsu", slide.info.level_dimensions, 2) is None
+        assert TiffLevels.open(path, None, slide.info.level_dimensions, 2) is None
+
+
+def _patch_tile(path: Path, tile: int, *, byte_count: int | None = None, garbage: bool = False) -> None:
+    """Set tile `tile` of the first page missing (byte count 0) or overwrite its bytes with garbage."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        counts = page.tags["TileByteCounts"]
+        width = {3: 2, 4: 4, 16: 8}[int(counts.dtype)]
+        count_at = counts.valueoffset + tile * width
+        data_at, data_len = int(page.dataoffsets[tile]), int(page.databytecounts[tile])
+    with open(path, "r+b") as f:
+        if byte_count is not None:
+            f.seek(count_at)
+            f.write(int(byte_count).to_bytes(width, "little"))
+        if garbage:
+            f.seek(data_at)
+            f.write(bytes(range(256)) * (data_len // 256) + b"\x00" * (data_len % 256))
+
+
+def test_missing_tile_is_white_like_openslide(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.tif"
+    write_synthetic_slide(path, width=1024, height=768, fmt="tiff", compression="zlib", tile_size=256)
+    _patch_tile(path, 5, byte_count=0)  # row 1, column 1
+    with open_slide(path) as slide:
+        direct, reference, used = _both_ways(slide, 0)
+    assert used
+    np.testing.assert_array_equal(direct, reference)
+    assert (direct[256:512, 256:512] == 255).all() and not (direct[:256, :256] == 255).all()
+
+
+def test_corrupt_tile_is_one_line_error_and_a_failed_slide(tmp_path: Path) -> None:
+    """A tile that does not decode fails the read with the file named: never a blank or a partly read level."""
+    path = tmp_path / "corrupt.tif"
+    write_synthetic_slide(path, width=2048, height=1536, fmt="tiff", compression="zlib", tile_size=256)
+    _patch_tile(path, 0, garbage=True)
+    with open_slide(path) as slide, pytest.raises(SlideError) as err:
+        slide._direct = None  # noqa: SLF001
+        slide.read_level_scaled(0, 0.1)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    side = tile_slide(path, tmp_path / "results", mpp=2.0)  # at 2 um/px the mask and QC read level 0
+    assert side.status == STATUS_FAILED and str(path) in side.reason
