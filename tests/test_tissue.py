@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -339,3 +340,38 @@ def test_real_tcga_jpeg2000_slide(tcga_slide: Path) -> None:
     assert main.area_px > 0.95 * result.mask.sum()
     h, w = result.mask.shape
     assert result.mask[int(0.6 * h), int(0.3 * w)] and not result.mask[:10, :10].any()
+
+
+def _smaller_removed(remove: Any, mask: np.ndarray, below: int, connectivity: int) -> np.ndarray:
+    """scikit-image's removal of components under `below` px (`max_size` from 0.26, the positional threshold before)."""
+    try:
+        return remove(mask, max_size=below - 1, connectivity=connectivity)
+    except TypeError:
+        return remove(mask, below, connectivity=connectivity)
+
+
+@pytest.mark.parametrize("spacing", [12, 70])  # ~400 holes and specks (one pass over the labels), or a few (boxes)
+def test_hole_filling_and_speck_removal_match_scikit_image(spacing: int) -> None:
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rng = np.random.default_rng(4)
+    shape = (400, 400)
+    painted = np.zeros(shape, bool)
+    painted[20:380, 20:200] = True
+    for y in range(30, 370, spacing):
+        for x in range(30, 190, spacing):
+            painted[y : y + rng.integers(2, 6), x : x + rng.integers(2, 6)] = False  # holes of 4-25 px
+        for x in range(220, 380, spacing):
+            painted[y : y + rng.integers(2, 6), x : x + rng.integers(2, 6)] = True  # specks of 4-25 px
+    img = _glass(*shape, rng)
+    _paint(img, painted, PURPLE, rng)
+    rgb = _u8(img)
+    plain = {"blur_um": 0, "close_um": 0, "open_um": 0, "fill_holes": False}
+    raw = compute_tissue_mask(rgb, MPP, TissueParams(min_tissue_area_mm2=0, min_hole_area_mm2=0, **plain)).mask
+    assert (raw != painted).mean() < 0.001  # the reference below starts from what was found, rules off
+    px_mm2 = (MPP / 1000) ** 2
+    rules = TissueParams(min_tissue_area_mm2=10.5 * px_mm2, min_hole_area_mm2=10.5 * px_mm2, **plain)
+    got = compute_tissue_mask(rgb, MPP, rules).mask
+    expected = _smaller_removed(remove_small_objects, _smaller_removed(remove_small_holes, raw, 11, 1), 11, 2)
+    assert (got == expected).all()
+    assert got.sum() != raw.sum()  # some holes were filled and some specks dropped
