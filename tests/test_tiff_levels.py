@@ -102,7 +102,8 @@ def test_missing_tile_is_white_like_openslide(tmp_path: Path) -> None:
 
 
 def test_corrupt_tile_is_one_line_error_and_a_failed_slide(tmp_path: Path) -> None:
-    """A tile that does not decode fails the read with the file named: never a blank or a partly read level."""
+    """A tile the direct decoder cannot read sends the level to OpenSlide, which fails it with the file named:
+    never a blank or a partly read level."""
     path = tmp_path / "corrupt.tif"
     write_synthetic_slide(path, width=2048, height=1536, fmt="tiff", compression="zlib", tile_size=256)
     _patch_tile(path, 0, garbage=True)
@@ -110,5 +111,22 @@ def test_corrupt_tile_is_one_line_error_and_a_failed_slide(tmp_path: Path) -> No
         slide._direct = None  # noqa: SLF001
         slide.read_level_scaled(0, 0.1)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not isinstance(slide._direct, TiffLevels) or slide._direct.has_level(0)  # noqa: SLF001 - it was tried
     side = tile_slide(path, tmp_path / "results", mpp=2.0)  # at 2 um/px the mask and QC read level 0
     assert side.status == STATUS_FAILED and str(path) in side.reason
+
+
+def test_a_refused_level_is_read_by_openslide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the direct decoder trips on, the level still comes back, with OpenSlide's pixels."""
+    path = tmp_path / "s.svs"
+    write_synthetic_slide(path, width=2000, height=1500)
+
+    def refuse(self: TiffLevels, level: int, band_rows: int) -> None:
+        raise ValueError("a tile the decoder does not expect")
+
+    with open_slide(path) as slide:
+        reference = slide.read_level_scaled(1, 0.5)
+        monkeypatch.setattr(TiffLevels, "bands", refuse)
+        slide._direct = None  # noqa: SLF001
+        np.testing.assert_array_equal(slide.read_level_scaled(1, 0.5), reference)
+        assert slide._direct and slide._direct.has_level(1)  # noqa: SLF001 - the direct path was tried first

@@ -8,6 +8,7 @@ Every failure is a `SlideError` whose one-line message names the file and the fi
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from .dicom import ColourCorrection, find_mislabelled_ycbcr, ycbcr_to_rgb
 from .tiff_levels import TiffLevels
 
 Backend = Literal["auto", "openslide", "tiffslide"]
+log = logging.getLogger(__name__)
 
 # Outside this range a resolution is a metadata error (e.g. a 72 dpi default), not a microscope.
 MPP_PLAUSIBLE = (0.05, 50.0)
@@ -248,40 +250,40 @@ class Slide:
         return cuts + [h]
 
     def read_level_scaled(self, level: int, scale: float) -> np.ndarray:
-        """A whole level resized by `scale` (<1 shrinks), read in bands so memory stays bounded."""
-        w, h = self.info.level_dimensions[level]
-        out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
-        bands = []
-        done_rows = read_rows = 0
-        for band in self._level_bands(level):
-            read_rows += band.shape[0]
-            target_rows = round(read_rows * scale) - done_rows if read_rows < h else out_h - done_rows
-            if target_rows <= 0:
-                continue
-            bands.append(cv2.resize(band, (out_w, target_rows), interpolation=cv2.INTER_AREA))
-            done_rows += target_rows
-        return np.concatenate(bands, axis=0)
-
-    def _level_bands(self, level: int) -> Iterator[np.ndarray]:
-        """A whole level in bands of BAND_ROWS rows: decoded straight from its TIFF tiles where that gives the
-        same pixels (tiff_levels.py), else through the backend's read_region."""
+        """A whole level resized by `scale` (<1 shrinks), read in bands so memory stays bounded. Decoded straight
+        from its TIFF tiles where that gives OpenSlide's pixels (tiff_levels.py), else through read_region; a
+        level the direct decoder cannot read (an odd tile, a codec quirk, a corrupt tile) is read again through
+        OpenSlide, which gives the pixels or the one-line error."""
         if self._direct is None and self.backend == "openslide" and self._colour is None:
             self._direct = (
                 TiffLevels.open(self._opened_path, self.info.vendor, self.info.level_dimensions, usable_cpus()) or False
             )
         if self._direct and self._direct.has_level(level):
             try:
-                yield from self._direct.bands(level, BAND_ROWS)
-            except Exception as err:  # a corrupt tile: the same one line as a failed read_region
-                raise SlideError(
-                    f"{self.path}: cannot decode level {level} ({first_line(err)}); the file may be truncated "
-                    "or corrupt, copy it again"
-                ) from err
-            return
+                return self._resize_bands(self._direct.bands(level, BAND_ROWS), level, scale)
+            except Exception as err:
+                log.info("%s: level %d read through OpenSlide (%s)", self.path, level, first_line(err))
         w, h = self.info.level_dimensions[level]
         ds = self.info.level_downsamples[level]
-        for y in range(0, h, BAND_ROWS):
-            yield self.read_region_threaded((0, int(round(y * ds))), level, (w, min(BAND_ROWS, h - y)))
+        bands = (
+            self.read_region_threaded((0, int(round(y * ds))), level, (w, min(BAND_ROWS, h - y)))
+            for y in range(0, h, BAND_ROWS)
+        )
+        return self._resize_bands(bands, level, scale)
+
+    def _resize_bands(self, bands: Iterator[np.ndarray], level: int, scale: float) -> np.ndarray:
+        w, h = self.info.level_dimensions[level]
+        out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = []
+        done_rows = read_rows = 0
+        for band in bands:
+            read_rows += band.shape[0]
+            target_rows = round(read_rows * scale) - done_rows if read_rows < h else out_h - done_rows
+            if target_rows <= 0:
+                continue
+            resized.append(cv2.resize(band, (out_w, target_rows), interpolation=cv2.INTER_AREA))
+            done_rows += target_rows
+        return np.concatenate(resized, axis=0)
 
     def thumbnail_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
         """An RGB image of the whole slide at ~`target_mpp` µm/px; returns it and its exact level-0 scale factor."""
@@ -308,8 +310,9 @@ class Slide:
         set_cache(OpenSlideCache(0))
         try:
             yield
-        finally:
-            set_cache(OpenSlideCache(32 << 20))  # OpenSlide's default capacity
+        finally:  # after a failed read the handle is in error state: the read's own error is the one to report
+            with contextlib.suppress(Exception):
+                set_cache(OpenSlideCache(32 << 20))  # OpenSlide's default capacity
 
     def associated_image(self, name: str) -> np.ndarray:
         img = np.asarray(self._handle.associated_images[name].convert("RGB"))
