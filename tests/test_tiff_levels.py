@@ -130,3 +130,30 @@ def test_a_refused_level_is_read_by_openslide(tmp_path: Path, monkeypatch: pytes
         slide._direct = None  # noqa: SLF001
         np.testing.assert_array_equal(slide.read_level_scaled(1, 0.5), reference)
         assert slide._direct and slide._direct.has_level(1)  # noqa: SLF001 - the direct path was tried first
+
+
+@pytest.mark.parametrize("band_rows", [100, 240, 241, 1000, 5000])  # under, at, off and over the 240-px tile rows
+def test_bands_of_any_height_tile_the_level_exactly(tmp_path: Path, band_rows: int) -> None:
+    """Bands are filled straight from the tiles; rows of a tile that straddles bands land in both, in order."""
+    path = tmp_path / "s.svs"
+    write_synthetic_slide(path, width=1000, height=1500, tile_size=240)
+    with open_slide(path) as slide:
+        levels = TiffLevels.open(path, slide.info.vendor, slide.info.level_dimensions, 2)
+        assert levels is not None
+        bands = list(levels.bands(0, band_rows))
+        levels.close()
+        assert [len(b) for b in bands[:-1]] == [band_rows] * (len(bands) - 1) and 0 < len(bands[-1]) <= band_rows
+        np.testing.assert_array_equal(np.concatenate(bands), slide.read_region((0, 0), 0, (1000, 1500)))
+
+
+def test_banded_shrink_matches_openslide_across_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A level taller than a band (here bands of 300 rows) shrinks to the same pixels on both paths."""
+    from wsi_pipeline.slide import reader
+
+    monkeypatch.setattr(reader, "BAND_ROWS", 300)
+    path = tmp_path / "s.tif"
+    write_synthetic_slide(path, width=900, height=1300, fmt="tiff", compression="jpeg", tile_size=256)
+    with open_slide(path) as slide:
+        direct, reference, used = _both_ways(slide, 0, 0.3)
+    assert used
+    np.testing.assert_array_equal(direct, reference)

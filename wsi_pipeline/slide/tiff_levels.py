@@ -63,27 +63,43 @@ class TiffLevels:
         return level in self._pages
 
     def bands(self, level: int, band_rows: int) -> Iterator[np.ndarray]:
-        """The whole level as consecutive RGB uint8 bands of `band_rows` rows (the last may be shorter)."""
+        """The whole level as consecutive RGB uint8 bands of `band_rows` rows (the last may be shorter). Tiles are
+        decoded straight into the band (a tile row that straddles two bands goes through one row of scratch), so
+        memory stays at one band, as with OpenSlide's banded read."""
         page = self._pages[level]
-        width, height = int(page.imagewidth), int(page.imagelength)
-        tw, th = int(page.tilewidth), int(page.tilelength)
-        across = -(-width // tw)
-        pending: list[np.ndarray] = []  # decoded rows not yet handed out
-        pending_rows = 0
+        width, height, th = int(page.imagewidth), int(page.imagelength), int(page.tilelength)
+        band_start = 0
+        band = np.empty((min(band_rows, height), width, 3), dtype=np.uint8)
         with ThreadPoolExecutor(self._threads) as pool:
             for ty in range(-(-height // th)):
-                pending.append(self._tile_row(page, pool, ty, across, width, min(th, height - ty * th)))
-                pending_rows += pending[-1].shape[0]
-                while pending_rows >= band_rows:
-                    rows = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
-                    yield rows[:band_rows]
-                    pending, pending_rows = [rows[band_rows:]], pending_rows - band_rows
-            if pending_rows:
-                yield np.concatenate(pending, axis=0)
+                y0, rows = ty * th, min(th, height - ty * th)
+                at = y0 - band_start
+                if at + rows <= len(band):  # the tile row lies inside this band
+                    self._decode_row(page, pool, ty, band[at : at + rows])
+                    source, done = None, rows
+                else:
+                    source, done = np.empty((rows, width, 3), dtype=np.uint8), 0
+                    self._decode_row(page, pool, ty, source)
+                while True:
+                    if source is not None:
+                        at = y0 + done - band_start
+                        take = min(rows - done, len(band) - at)
+                        band[at : at + take] = source[done : done + take]
+                        done += take
+                    if y0 + done - band_start == len(band):  # band full: hand it out, start the next
+                        yield band
+                        band_start += len(band)
+                        if band_start >= height:
+                            return
+                        band = np.empty((min(band_rows, height - band_start), width, 3), dtype=np.uint8)
+                    if done == rows:
+                        break
 
-    def _tile_row(self, page: Any, pool: ThreadPoolExecutor, ty: int, across: int, width: int, rows: int) -> np.ndarray:
+    def _decode_row(self, page: Any, pool: ThreadPoolExecutor, ty: int, out: np.ndarray) -> None:
+        """Decode tile row `ty` into `out` (its rows x the level's width x 3), the row's tiles on the pool."""
+        rows, width = out.shape[:2]
         tw = int(page.tilewidth)
-        out = np.empty((rows, across * tw, 3), dtype=np.uint8)
+        across = -(-width // tw)
         first = ty * across
         offsets = page.dataoffsets[first : first + across]
         counts = page.databytecounts[first : first + across]
@@ -101,20 +117,17 @@ class TiffLevels:
         def decode(item: tuple[bytes | None, int]) -> None:
             data, index = item
             x = (index - first) * tw
-            if not data:  # a tile the scanner never wrote: OpenSlide shows it transparent, composited to white
-                out[:, x : x + tw] = 255
-                return
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            if tile is None:
-                out[:, x : x + tw] = 255
+            cols = min(tw, width - x)
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0] if data else None
+            if tile is None:  # a tile the scanner never wrote: OpenSlide shows it transparent, composited to white
+                out[:, x : x + cols] = 255
                 return
             tile = tile.reshape(tile.shape[-3:])  # (1, h, w, 3) from tifffile; edge tiles may come cropped
-            if tile.shape[0] < rows or tile.shape[2] != 3 or tile.shape[1] > tw:
-                raise ValueError(f"tile {index} decoded to {tile.shape}, expected at least {rows} rows of {tw} RGB px")
-            out[:, x : x + tile.shape[1]] = tile[:rows]
+            if tile.shape[0] < rows or tile.shape[1] < cols or tile.shape[2] != 3:
+                raise ValueError(f"tile {index} decoded to {tile.shape}, expected at least {rows} x {cols} x 3")
+            out[:, x : x + cols] = tile[:rows, :cols]
 
         list(pool.map(decode, raw))
-        return out[:, :width]
 
     def close(self) -> None:
         self._tif.close()
