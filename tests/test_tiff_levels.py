@@ -157,3 +157,39 @@ def test_banded_shrink_matches_openslide_across_bands(tmp_path: Path, monkeypatc
         direct, reference, used = _both_ways(slide, 0, 0.3)
     assert used
     np.testing.assert_array_equal(direct, reference)
+
+
+def test_ycbcr_jpeg_filed_as_rgb_reads_as_openslide_reads_it(tmp_path: Path) -> None:
+    """JFIF (YCbCr) JPEG tiles under an RGB photometric tag: OpenSlide shows Y, Cb, Cr as R, G, B, and so does
+    the direct decoder (not tifffile's marker-based guess), so the mask and QC picture show what stage 2 will
+    encode and the glass-colour check flags the slide instead of passing it with correct-looking QC."""
+    import imagecodecs
+
+    src = write_synthetic_slide(tmp_path / "src.svs", width=1024, height=1024, mpp=0.5, seed=4)
+    img = tifffile.imread(src.path, level=0)
+    tiles = (
+        imagecodecs.jpeg_encode(img[y : y + 256, x : x + 256], level=90, outcolorspace="YCBCR", subsampling=(2, 2))
+        for y in range(0, 1024, 256)
+        for x in range(0, 1024, 256)
+    )
+    path = tmp_path / "mislabelled.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            tiles,
+            shape=(1024, 1024, 3),
+            dtype=np.uint8,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"outcolorspace": "RGB"},
+            subsampling=(2, 2),
+        )
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].photometric == 2 and tif.pages[0].is_jfif
+    with open_slide(path, mpp=0.5) as slide:
+        direct, reference, used = _both_ways(slide, 0)
+    assert used
+    np.testing.assert_array_equal(direct, reference)
+    assert abs(int(direct[5, 5, 1]) - 128) < 8  # glass in the corner comes back as (Y, Cb, Cr) ~ (237, 128, 128)
+    side = tile_slide(path, tmp_path / "results", mpp=0.5)
+    assert any("far from neutral glass" in w for w in side.warnings), side.warnings

@@ -118,7 +118,13 @@ class TiffLevels:
             data, index = item
             x = (index - first) * tw
             cols = min(tw, width - x)
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0] if data else None
+            tile = (
+                None
+                if not data
+                else _decode_jpeg(page, data)
+                if int(page.compression) == _JPEG
+                else page.decode(data, index, jpegtables=page.jpegtables)[0]
+            )
             if tile is None:  # a tile the scanner never wrote: OpenSlide shows it transparent, composited to white
                 out[:, x : x + cols] = 255
                 return
@@ -131,6 +137,17 @@ class TiffLevels:
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _decode_jpeg(page: Any, data: bytes) -> np.ndarray:
+    """A JPEG tile as OpenSlide (libtiff) decodes it: the TIFF's photometric tag, not the JPEG's own markers, says
+    whether to convert from YCbCr. tifffile trusts a JFIF marker instead, so a YCbCr JPEG filed as RGB would come out
+    in true colours here and as YCbCr-shown-as-RGB in every tile stage 2 reads through OpenSlide: the mask would
+    look fine while the features are wrong (the glass-colour check on the QC image must see what stage 2 sees)."""
+    import imagecodecs
+
+    colorspace = "YCBCR" if int(page.photometric) == _YCBCR else "RGB"
+    return imagecodecs.jpeg_decode(data, tables=page.jpegtables, colorspace=colorspace, outcolorspace="RGB")
 
 
 def _decodable(page: Any) -> bool:
