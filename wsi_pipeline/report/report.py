@@ -132,7 +132,9 @@ def _html(table: pd.DataFrame, results: Path, out_dir: Path) -> str:
             if col == "thumbnail" and isinstance(value, str) and value:
                 # sidecars give the thumbnail relative to the results folder; the page may live elsewhere
                 rel = os.path.relpath(value if os.path.isabs(value) else results / value, out_dir)
-                cells.append(f'<td><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" height="120"></a></td>')
+                # lazy: a cohort's page lists thousands of 2048-px thumbnails; the browser fetches those in view
+                img = f'<img src="{html.escape(rel)}" height="120" loading="lazy">'
+                cells.append(f'<td><a href="{html.escape(rel)}">{img}</a></td>')
                 continue
             if isinstance(value, float):
                 text = "" if np.isnan(value) else f"{value:.4g}"
