@@ -21,6 +21,7 @@ from wsi_pipeline.encode.engine import encode_slide
 from wsi_pipeline.encode.store import StoreLayout
 from wsi_pipeline.io.atomic import TMP_MARK
 from wsi_pipeline.layout import ResultsLayout
+from wsi_pipeline.slide.reader import open_slide
 from wsi_pipeline.synthetic import write_synthetic_slide
 from wsi_pipeline.tiling.stage import tile_slide
 
@@ -90,6 +91,8 @@ def test_clam_layout_reads_back_as_generic_mil_dataset(encoded: Path, tmp_path: 
             c = dict(f["coords"].attrs)  # CLAM's patching attrs (Whole_Slide_Bag_FP reads patch_level, patch_size)
             assert c["patch_level"] == 1 and c["patch_size"] == 128 and c["name"] == slide  # 128 px at level 1
             assert list(c["downsample"]) == [2.0, 2.0]
+            with open_slide(encoded.parent / f"{slide}.svs") as wsi:  # CLAM: level_dim = the size of patch_level
+                assert list(c["level_dim"]) == list(c["downsampled_level_dim"]) == list(wsi.info.level_dimensions[1])
             p = dict(f["features"].attrs)
             assert p["encoder"] == ENC == attrs["encoder"] and p["source_dtype"] == "float16"
             assert p["slide_mpp"] == SLIDE_MPP and p["target_mpp"] == 0.5 and p["tile_px"] == 128

@@ -26,12 +26,17 @@ def coords_attrs(table: TileTable) -> dict[str, object]:
     """Attributes CLAM (`patch_level`, `patch_size`, ...) and TRIDENT (`patch_size_level0`, ...) read from `coords`."""
     a = table.attrs
     level0_mag = 10.0 / float(a["slide_mpp"])  # 0.25 µm/px is 40x by the usual convention
+    # CLAM's level_dim / downsampled_level_dim: the size of patch_level (tile stores before 0.1.0's last changes
+    # did not record it: estimated from level 0 and the downsample)
+    level_dims = a.get("read_level_dimensions") or [
+        round(int(v) / float(a["level_downsample"])) for v in a["slide_dimensions"]
+    ]
     return {
         "patch_size": int(a["read_size"]),  # CLAM: size at patch_level
         "patch_level": int(a["read_level"]),
         "downsample": np.array([a["level_downsample"], a["level_downsample"]], dtype=np.float64),
-        "level_dim": np.asarray(a["slide_dimensions"], dtype=np.int64),
-        "downsampled_level_dim": np.asarray(a["slide_dimensions"], dtype=np.int64),
+        "level_dim": np.asarray(level_dims, dtype=np.int64),
+        "downsampled_level_dim": np.asarray(level_dims, dtype=np.int64),
         "name": str(a["slide_id"]),
         "patch_size_level0": int(round(float(a["tile_size_level0"]))),  # TRIDENT
         "level0_magnification": level0_mag,

@@ -216,6 +216,7 @@ def _store_attrs(
         "slide_mpp": geometry.slide_mpp,
         "mpp_source": info.mpp_source,
         "slide_dimensions": list(info.dimensions),
+        "read_level_dimensions": list(info.level_dimensions[geometry.read_level]),  # CLAM's level_dim
         "backend": info.backend,
         "vendor": info.vendor,
         "slide_file_size": info.file_size,
