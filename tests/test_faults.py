@@ -261,3 +261,28 @@ def test_a_results_path_that_is_a_file_is_one_line(slide: Path, finished: Path, 
     reason = json.loads((results / "tiles" / "s.json").read_text())["reason"]
     assert reason.startswith(f"{results / 'qc' / 's'}: is a file where a folder is needed"), reason
     assert temporaries(results) == []
+
+
+def test_tile_command_reads_the_config_it_is_given_and_defaults_without(tmp_path: Path) -> None:
+    """`tile --config` validates the whole file and uses its tiling section; with no file the defaults are the
+    composed config's (taken from the tiling models directly, so a tile job does not build every stage's config)."""
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.tiling.config import DEFAULT_BACKEND, TilingParams, TissueParams
+    from wsi_pipeline.tiling.table import read_tile_attrs
+
+    defaults = load_config(None)
+    assert (defaults.tiling, defaults.tissue, defaults.backend) == (TilingParams(), TissueParams(), DEFAULT_BACKEND)
+    slide = write_synthetic_slide(tmp_path / "s.svs", width=2048, height=1536).path
+    r = cli("tile", slide, "--out", tmp_path / "plain")
+    assert r.returncode == 0, r.stderr
+    assert read_tile_attrs(tmp_path / "plain" / "tiles" / "s.zarr")["tile_px"] == TilingParams().tile_px
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("tiling:\n  tile_px: 128\n  target_mpp: 1.0\n")
+    r = cli("tile", slide, "--out", tmp_path / "configured", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    attrs = read_tile_attrs(tmp_path / "configured" / "tiles" / "s.zarr")
+    assert attrs["tile_px"] == 128 and attrs["target_mpp"] == 1.0
+    cfg.write_text("tiling:\n  tile_px: 128\ntilling:\n  tile_px: 64\n")  # a typo'd section is refused, not ignored
+    line = one_line_error(cli("tile", slide, "--out", tmp_path / "typo", "--config", cfg))
+    assert "tilling" in line and str(cfg) in line
+    assert not (tmp_path / "typo" / "tiles" / "s.zarr").exists()
