@@ -144,3 +144,19 @@ def test_light_commands_load_no_heavy_library(argv: list[str]) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
+
+
+def test_a_tile_run_loads_only_what_tiling_uses(tmp_path: Path) -> None:
+    """A real `wsi-pipeline tile` run (the command every slide of a cohort pays for): no torch, transformers or
+    scikit-learn, and not zarr, dask, pandas or the composed config either (the tile table is written without zarr,
+    io/small_zarr.py; the defaults come from the tiling models)."""
+    from wsi_pipeline.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.svs", width=2048, height=1536).path
+    cmd = [sys.executable, "-X", "importtime", "-m", "wsi_pipeline", "tile", str(slide), "--out", str(tmp_path / "r")]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    loaded = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "tifffile" in loaded and "cv2" in loaded  # the parse worked: these are what tiling uses
+    unwanted = ("torch", "transformers", "sklearn", "timm", "zarr", "dask", "pandas", "wsi_pipeline.config")
+    assert not [m for m in unwanted if m in loaded], sorted(m for m in unwanted if m in loaded)
+    assert (tmp_path / "r" / "tiles" / "s.zarr" / "zarr.json").is_file()
