@@ -290,16 +290,23 @@ def _store_bytes(n_tiles: int, handle: EncoderHandle, params: EncodeParams) -> i
     return n_tiles * (dim * np.dtype(params.dtype).itemsize + FEATURE_ROW_OVERHEAD_BYTES) + FEATURE_STORE_OVERHEAD_BYTES
 
 
-def finished_slide(results: Path, slide_id: str, cfg: EncoderConfig, params: EncodeParams) -> EncodeSidecar | None:
+def finished_slide(
+    results: Path,
+    slide_id: str,
+    cfg: EncoderConfig,
+    params: EncodeParams,
+    complete_for: dict[str, Any] | None = None,
+) -> EncodeSidecar | None:
     """The slide's sidecar (marked reused) when its store is complete for this config and the sidecar says so;
-    None otherwise. Reads only: a published store is complete and never changes under its name, so no lock."""
+    None otherwise. Reads only: a published store is complete and never changes under its name, so no lock.
+    `complete_for`: the tile store's attributes, when the caller has just checked the feature store against them."""
     paths = ResultsLayout(results)
     store, sidecar_path = paths.feature_store(cfg.name, slide_id), paths.feature_sidecar(cfg.name, slide_id)
     try:
-        table_attrs = read_tile_attrs(paths.tile_store(slide_id))
+        table_attrs = complete_for or read_tile_attrs(paths.tile_store(slide_id))
         if table_attrs is None or not sidecar_path.is_file():
             return None
-        if not is_complete_store(store, expected_attrs(cfg, params.dtype, table_attrs)):
+        if complete_for is None and not is_complete_store(store, expected_attrs(cfg, params.dtype, table_attrs)):
             return None
         check_same_slide(str(table_attrs.get("slide_path", "")), table_attrs.get("slide_fingerprint"))
         old = EncodeSidecar.read(sidecar_path)

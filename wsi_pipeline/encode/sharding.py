@@ -31,6 +31,7 @@ from .engine import (
     EncoderHandle,
     encode_whole_slide,
     expected_attrs,
+    finished_slide,
     new_sidecar,
 )
 from .parts import encode_part, merge_parts
@@ -139,8 +140,13 @@ def encode_slides(
             and not force
             and is_complete_store(store, expected_attrs(encoder_cfg, params.dtype, attrs))
         ):
-            handle = EncoderHandle(encoder_cfg, torch.device("cpu"))  # reuses the store: no model is built
-            out[sid] = encode_whole_slide(results, sid, encoder_cfg, params, handle, force, layout)
+            # checked once here: finished_slide does not read the stores again; a missing or stale sidecar is
+            # rewritten under the slide lock by encode_whole_slide (no model is built: it reuses the store)
+            done = finished_slide(results, sid, encoder_cfg, params, complete_for=attrs)
+            if done is None:
+                handle = EncoderHandle(encoder_cfg, torch.device("cpu"))
+                done = encode_whole_slide(results, sid, encoder_cfg, params, handle, force, layout)
+            out[sid] = done
         else:
             counts[sid] = int(attrs.get("n_tiles", 0)) if attrs else 0
     plan = plan_shards(counts, len(devs), split_threshold=params.split_threshold, align=params.batch_size)
