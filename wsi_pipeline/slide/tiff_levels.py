@@ -5,8 +5,9 @@ composition, PIL conversion, RGBA -> RGB): on a 40x slide the level read for the
 Where an OpenSlide level *is* one tiled TIFF page (Aperio SVS, generic tiled TIFF) with plain 8-bit RGB tiles,
 this module decodes the page's tiles itself, on threads (imagecodecs releases the GIL), into the same pixels
 (tests compare against OpenSlide on real and synthetic slides). Anything else - other vendors, JPEG 2000,
-fluorescence channels, a colour fix-up, a page that does not match the level - returns None and the caller reads
-through OpenSlide as before. Missing tiles are white, as OpenSlide's transparent pixels composited onto white.
+fluorescence channels, a colour fix-up, a page that does not match the level - is not claimed and the caller
+reads through OpenSlide as before; so is a level whose tiles this module fails to decode. Missing tiles are white,
+as OpenSlide's transparent pixels composited onto white; JPEG colour follows the photometric tag, as in OpenSlide.
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ class TiffLevels:
             data, index = item
             x = (index - first) * tw
             cols = min(tw, width - x)
-            tile = (
-                None
-                if not data
-                else _decode_jpeg(page, data)
-                if int(page.compression) == _JPEG
-                else page.decode(data, index, jpegtables=page.jpegtables)[0]
-            )
+            tile: Any  # an ndarray whose dimensions depend on the codec, or None for a missing tile
+            if not data:
+                tile = None
+            elif int(page.compression) == _JPEG:
+                tile = _decode_jpeg(page, data)
+            else:  # lossless codecs, predictors included: tifffile's own decoder
+                tile = page.decode(data, index)[0]
             if tile is None:  # a tile the scanner never wrote: OpenSlide shows it transparent, composited to white
                 out[:, x : x + cols] = 255
                 return
