@@ -69,7 +69,7 @@ def _write_array(folder: Path, values: np.ndarray, rows: int) -> None:
         raise TypeError(f"{folder.name}: {values.dtype} array of {values.ndim} dims is not written by small_zarr")
     rows = max(1, rows)
     chunk_shape = [rows, *values.shape[1:]]
-    fill: bool | int | float = False if values.dtype == np.bool_ else 0.0 if values.dtype.kind == "f" else 0
+    fill = values.dtype.type(0).item()  # False, 0 or 0.0: zarr's own default fill for the type
     folder.mkdir()
     _write_json(
         folder / "zarr.json",
