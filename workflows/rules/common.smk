@@ -68,6 +68,17 @@ def slide_mpp(wildcards):
     value = COHORT.loc[wildcards.slide_id, "mpp"]
     return None if value != value else float(value)  # NaN -> None
 
+
+def results_of_sidecar(wildcards, output):
+    """The results folder a tile job writes into, from its sidecar's path (RESULTS/tiles/{slide_id}.json)."""
+    return str(Path(output.sidecar).parent.parent)
+
+
+def slide_mpp_option(wildcards):
+    """`--mpp X` for the tile command where the sample sheet gives the slide's MPP, else nothing (metadata)."""
+    mpp = slide_mpp(wildcards)
+    return "" if mpp is None else f"--mpp {mpp!r}"
+
 ENCODER = CFG.encoder.name
 FEATURES = PATHS.feature_dir(ENCODER)
 ENCODE_SHARDS = [f"{i}-of-{CFG.encode.jobs}" for i in range(CFG.encode.jobs)]
@@ -132,26 +143,6 @@ def explain_targets():
     return expand(PATHS.concept_summary(ENCODER, "{concept_set}"), concept_set=CONCEPT_SETS) + expand(
         PATHS.task_explain_dir("{task}") / "index.html", task=TASKS
     )
-
-
-def tile_job(wildcards, params, log):
-    """The tile rule's job: stage 1 for one slide in this process, its outcome in the rule's log."""
-    import logging
-
-    from wsi_pipeline.tiling.stage import tile_slide
-
-    logging.basicConfig(filename=log[0], level=logging.INFO, force=True)
-    result = tile_slide(
-        params.path,
-        RESULTS,
-        slide_id=wildcards.slide_id,
-        mpp=params.mpp,
-        backend=params.backend,
-        tiling=CFG.tiling,
-        tissue=CFG.tissue,
-    )
-    logging.info("%s: %s (%s tiles) %s", wildcards.slide_id, result["status"], result["n_tiles"],
-                 result.get("reason", ""))
 
 
 def tasks_table_job(log):
