@@ -227,3 +227,50 @@ def test_missing_binaries_fail_with_the_install_hint(tmp_path: Path) -> None:
         pass
     message = str(err.value)
     assert "\n" not in message and "tests/install_slurm.sh" in message and "slurmctld" in message
+
+
+def test_grouped_tiling_runs_many_slides_per_slurm_job(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+    cmu_slide: Path,
+) -> None:
+    """The README's recipe for large cohorts: tiling alone, `--groups tile=tiling --group-components tiling=N` with
+    `--cores`/`--resources` caps, submits N slides as one SLURM job that asks for the caps (not N times a tile job's
+    CPUs and memory, which no node has) and runs the slides in layers, its time limit the layers' runtimes summed."""
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        pytest.fail("snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'", pytrace=False)
+    for i in range(3):
+        shutil.copy(cmu_slide, tmp_path / f"s{i}.svs")
+    (tmp_path / "samples.csv").write_text("slide_id,path\n" + "".join(f"s{i},s{i}.svs\n" for i in range(3)))
+    (tmp_path / "cfg.yaml").write_text(
+        f"samples: {tmp_path / 'samples.csv'}\nresults: {tmp_path / 'results'}\nmil:\n  tasks: []\n"
+    )
+    cores, mem = min(2, slurm_cluster.cpus), min(8000, slurm_cluster.real_memory_mb)
+    run = _snakemake(
+        slurm_cluster,
+        tmp_path,
+        "--until",
+        "tile",
+        "--groups",
+        "tile=tiling",
+        "--group-components",
+        "tiling=3",
+        "--cores",
+        str(cores),
+        "--resources",
+        f"mem_mb={mem}",
+        "--set-resources",
+        "tile:runtime=5",
+        "tile:mem_mb=" + str(mem // cores),
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:] + "\n" + slurm_cluster.log_tail()
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)  # a group job's id is a UUID
+    assert len(submitted) == 1, log[-3000:]  # three slides, one SLURM job
+    info = slurm_cluster.job_info(submitted[0])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert info["NumCPUs"] == str(cores) and info["MinMemoryNode"] == f"{mem // cores * cores}M", info
+    layers = -(-3 // cores)
+    assert info["TimeLimit"] == f"00:{5 * layers:02d}:00", info
+    for i in range(3):
+        assert '"status": "ok"' in (tmp_path / "results" / "tiles" / f"s{i}.json").read_text()
