@@ -46,7 +46,8 @@ def tile(
         exit_with_error(describe_os_error(err, out, need_bytes=TILE_OUTPUT_BYTES, need_what=TILE_NEED))
     if result.status == STATUS_FAILED and not record_failures:
         exit_with_error(result.reason)
-    typer.echo(f"{result.slide_id}: {result.status}, {result.n_tiles} tiles")
+    why = f" - {result.reason}" if result.reason else ""  # a recorded failure says why (the workflow's tile log)
+    typer.echo(f"{result.slide_id}: {result.status}, {result.n_tiles} tiles{why}")
 
 
 def _tile_sections(config: Path | None) -> tuple[TilingParams, TissueParams, str]:
