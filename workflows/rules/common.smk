@@ -64,11 +64,6 @@ def slide_fingerprint(wildcards):
     return current_fingerprint(slide_path(wildcards), recorded) or "missing"
 
 
-def slide_mpp(wildcards):
-    value = COHORT.loc[wildcards.slide_id, "mpp"]
-    return None if value != value else float(value)  # NaN -> None
-
-
 def results_of_sidecar(wildcards, output):
     """The results folder a tile job writes into, from its sidecar's path (RESULTS/tiles/{slide_id}.json)."""
     return str(Path(output.sidecar).parent.parent)
@@ -76,8 +71,8 @@ def results_of_sidecar(wildcards, output):
 
 def slide_mpp_option(wildcards):
     """`--mpp X` for the tile command where the sample sheet gives the slide's MPP, else nothing (metadata)."""
-    mpp = slide_mpp(wildcards)
-    return "" if mpp is None else f"--mpp {mpp!r}"
+    mpp = COHORT.loc[wildcards.slide_id, "mpp"]
+    return "" if mpp != mpp else f"--mpp {float(mpp)!r}"  # NaN: not given
 
 ENCODER = CFG.encoder.name
 FEATURES = PATHS.feature_dir(ENCODER)
