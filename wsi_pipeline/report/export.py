@@ -26,8 +26,8 @@ def coords_attrs(table: TileTable) -> dict[str, object]:
     """Attributes CLAM (`patch_level`, `patch_size`, ...) and TRIDENT (`patch_size_level0`, ...) read from `coords`."""
     a = table.attrs
     level0_mag = 10.0 / float(a["slide_mpp"])  # 0.25 µm/px is 40x by the usual convention
-    # CLAM's level_dim / downsampled_level_dim: the size of patch_level (tile stores before 0.1.0's last changes
-    # did not record it: estimated from level 0 and the downsample)
+    # CLAM's level_dim / downsampled_level_dim: the size of patch_level (tile stores written before
+    # read_level_dimensions was recorded: estimated from level 0 and the downsample)
     level_dims = a.get("read_level_dimensions") or [
         round(int(v) / float(a["level_downsample"])) for v in a["slide_dimensions"]
     ]
