@@ -7,7 +7,8 @@ import os
 configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
 
 
-include: "workflows/rules/common.smk"  # validated config, cohort table, output paths
+include: "workflows/rules/common.smk"  # validated config, cohort table, output paths, settings snapshots
+include: "workflows/rules/settings.smk"  # the settings snapshot each job reads, written once per scope
 include: "workflows/rules/tile.smk"  # stage 1: tissue mask + tile grid + QC, one job per slide
 include: "workflows/rules/encode.smk"  # stage 2: tile embeddings, one Zarr store per slide, sharded jobs
 include: "workflows/rules/mil.smk"  # stage 3: attention-MIL per task and fold, summaries, heatmaps
@@ -21,4 +22,6 @@ rule all:
         expand(PATHS.task_dir("{task}") / "summary.json", task=TASKS),
         PATHS.tasks_table if TASKS else [],
         explain_targets(),
+        # the settings snapshots: a missing one (changed settings) reruns its jobs even without .snakemake/metadata
+        [PATHS.settings_file(name) for name in SETTINGS],
     default_target: True

@@ -28,6 +28,7 @@ LAYERS = {
     "explain": 6,
     "report": 7,
     "config": 8,
+    "run_settings": 8,
     "cli": 9,
     "__main__": 10,
 }

@@ -183,7 +183,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         package_version=__version__,
     ).write(ResultsLayout(results).feature_sidecar(ENCODER, "P12-S0"))
     table = pd.DataFrame(rows).set_index("slide_id", drop=False)
-    sheet = write_task_sheet(table, results, ENCODER, task.name)
+    sheet = write_task_sheet(table, results, ENCODER, task)
     assert "P12-S0" not in set(sheet["slide_id"])  # failed encode: excluded, not an error
     summary = run_zero_shot_task(results, task, TRAIN, ENCODER, emb)
     return {"results": results, "task": task, "emb": emb, "planted": planted, "summary": summary, "text": text}
@@ -361,7 +361,7 @@ def test_feature_store_of_another_encoder(cohort: dict[str, Any], tmp_path: Path
 def test_no_slides_with_features(cohort: dict[str, Any], tmp_path: Path) -> None:
     results = tmp_path / "results"
     table = pd.DataFrame([{"slide_id": "A", "path": "/a.svs", "patient_id": "A", "diagnosis": "tumour"}])
-    write_task_sheet(table.set_index("slide_id", drop=False), results, ENCODER, "zs")  # A never encoded
+    write_task_sheet(table.set_index("slide_id", drop=False), results, ENCODER, cohort["task"])  # A never encoded
     run = lambda: run_zero_shot_task(results, cohort["task"], TRAIN, ENCODER, cohort["emb"])  # noqa: E731
     one_line(TrainingDataError, run, "sheet.csv", "no slide of zero-shot task 'zs' has features", "excluded.csv")
     one_line(

@@ -70,7 +70,7 @@ def test_concept_task_trains_on_concept_scores(tmp_path) -> None:
     assert features == ResultsLayout(results).concept_dir("enc", "tissue")
     # one slide not scored yet: left out of the sheet with the reason
     ResultsLayout(results).concept_sidecar("enc", "tissue", "s23").unlink()
-    sheet = write_task_sheet(cohort, results, "enc", "cb", concept_set="tissue")
+    sheet = write_task_sheet(cohort, results, "enc", task)
     assert len(sheet) == 23
     excluded = pd.read_csv(ResultsLayout(results).task_dir("cb") / "excluded.csv")
     assert excluded.to_dict("records")[0]["encode_status"] == "not scored"

@@ -85,6 +85,11 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     )
 
 
+# The first line of a run settings snapshot (run_settings.py): it sits in RESULTS/settings/, and its results folder
+# is the one it sits in, so a results folder moved or copied elsewhere keeps its snapshots (and its work).
+SNAPSHOT_HEADER = "# wsi-pipeline run settings"
+
+
 def load_config(
     source: str | os.PathLike[str] | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
 ) -> PipelineConfig:
@@ -97,6 +102,9 @@ def load_config(
     else:
         name = str(source)
         data = read_yaml(source)
+        with open(source) as handle:
+            if handle.readline().startswith(SNAPSHOT_HEADER):
+                data.setdefault("results", str(Path(source).resolve().parent.parent))
     data.update(overrides or {})
     try:
         return PipelineConfig.model_validate(data)

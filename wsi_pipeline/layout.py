@@ -10,7 +10,8 @@ results/
   explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar (+ cohort.csv)
   explain/{encoder}/text/                         cached concept text embeddings (per revision and prompt hash)
   mil/{task}/explain/                             stage 4 for a task: concepts.csv, slides/*.json, index.html
-  report.csv|html, run_config.yaml, logs/, .gpu_locks/
+  settings/{scope}-{digest}.yaml                  the settings each job reads, written once (run_settings.py)
+  report.csv|html, run_config.yaml (the last run's whole config, a record), logs/, .gpu_locks/
 """
 
 from __future__ import annotations
@@ -129,4 +130,13 @@ class ResultsLayout:
 
     @property
     def run_config(self) -> Path:
+        """The whole config of the last run started here: a record for people; no job reads it."""
         return self.root / "run_config.yaml"
+
+    @property
+    def settings_dir(self) -> Path:
+        return self.root / "settings"
+
+    def settings_file(self, name: str) -> Path:
+        """A run settings snapshot, `name` = `{scope}-{digest}` (wsi_pipeline/run_settings.py)."""
+        return self.settings_dir / f"{name}.yaml"

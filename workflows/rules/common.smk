@@ -4,6 +4,7 @@ import re
 import sys
 from pathlib import Path
 
+from wsi_pipeline import run_settings
 from wsi_pipeline.config import load_config, write_run_config
 from wsi_pipeline.devices import cuda_present
 from wsi_pipeline.jobguard import export_parent_pid
@@ -13,10 +14,15 @@ from wsi_pipeline.slide.ids import SLIDE_ID_PATTERN
 
 CFG = load_config(config)
 # A relative encoder.path that is not under the working directory is read from the repo (the shipped demo model
-# when Snakemake runs elsewhere with --snakefile); jobs get the absolute path through the run config.
-if CFG.encoder.path and not Path(CFG.encoder.path).expanduser().exists():
-    if (Path(workflow.basedir) / CFG.encoder.path).exists():
-        CFG.encoder.path = str(Path(workflow.basedir) / CFG.encoder.path)
+# when Snakemake runs elsewhere with --snakefile). Jobs get absolute paths through their settings snapshots, so the
+# same files name the same snapshot from any working directory.
+if CFG.encoder.path:
+    model_dir = Path(CFG.encoder.path).expanduser()
+    if not model_dir.exists() and (Path(workflow.basedir) / model_dir).exists():
+        model_dir = Path(workflow.basedir) / model_dir
+    CFG.encoder.path = str(model_dir.absolute())
+if CFG.samples and not any(c in CFG.samples for c in "*?["):  # a sheet, or one file: not a glob
+    CFG.samples = str(Path(CFG.samples).expanduser().absolute())
 COHORT = CFG.cohort()
 SLIDES = list(COHORT.index)
 # A changed sheet (labels, outcomes) must redo what reads it: stage 3 takes the sheet as an input.
@@ -90,12 +96,6 @@ def _uses_gpu():
 USE_GPU = _uses_gpu()
 
 
-def mil_task_params(wildcards):
-    """The MIL rules' params: the task's and the training settings, so a change to either redoes the task."""
-    return {"task": CFG.mil.task(wildcards.task).model_dump(mode="json"),
-            "train": CFG.mil.train.model_dump(mode="json")}
-
-
 def concept_set_entries():
     """explain.concept_sets as {set name: entry} (a shipped name or a YAML path); empty without explain:."""
     if CFG.explain is None:
@@ -157,5 +157,33 @@ def report_job(input, log):
     Path(log[0]).write_text(f"{summary}\n")
     print(summary)
 
-# The effective config after --configfile/--config overrides, for shell jobs to read (and as a record of the run).
-RUN_CONFIG = write_run_config(CFG, PATHS.run_config)
+# The settings each job reads: per scope a snapshot RESULTS/settings/{scope}-{digest}.yaml holding only what that
+# scope uses, written once by the run_settings rule (a dry run writes nothing; a later invocation with other settings
+# writes other files and never changes what a running job reads) and an input of the scope's jobs, so a change redoes
+# exactly the jobs that use it, with or without .snakemake/metadata. wsi_pipeline/run_settings.py says why.
+SETTINGS = {}  # snapshot name ({scope}-{digest}) -> its text
+
+
+def settings_snapshot(scope, data, identity=None):
+    text = run_settings.settings_text(scope, data, identity)
+    name = run_settings.settings_name(scope, text)
+    SETTINGS[name] = text
+    return PATHS.settings_file(name)
+
+
+TILE_SETTINGS = settings_snapshot("tile", run_settings.tile_settings(CFG))
+ENCODE_SETTINGS = settings_snapshot("encode", run_settings.encode_settings(CFG))
+CONCEPT_SETTINGS = {
+    name: settings_snapshot(
+        f"concepts-{name}", run_settings.concept_settings(CFG, entry), {"prompt_hash": concept_set_hash(name)}
+    )
+    for name, entry in CONCEPT_SETS.items()
+}
+TASK_SETTINGS = {t: settings_snapshot(f"task-{t}", run_settings.task_settings(CFG, t)) for t in TASKS}
+EXPLAIN_SETTINGS = (
+    {t: settings_snapshot(f"explain-{t}", run_settings.explain_settings(CFG, t)) for t in TASKS} if CFG.explain else {}
+)
+
+
+def task_settings(wildcards):
+    return TASK_SETTINGS[wildcards.task]

@@ -8,12 +8,10 @@
 rule encode:
     input:
         tiles=expand(PATHS.tile_sidecar("{slide_id}"), slide_id=SLIDES),
-        config=RUN_CONFIG,
+        settings=ENCODE_SETTINGS,
     output:
         summary=FEATURES / "shards" / "{shard}.json",
     params:
-        encoder=CFG.encoder.model_dump(mode="json"),
-        encode=CFG.encode.model_dump(mode="json"),
         shard=lambda wc: int(wc.shard.split("-of-")[0]),
         shards=CFG.encode.jobs,
     log:
@@ -27,6 +25,6 @@ rule encode:
         no_conda_env
     shell:
         wsi_command(
-            "encode-shard --config {input.config} --shard {params.shard} --shards {params.shards} "
+            "encode-shard --config {input.settings} --shard {params.shard} --shards {params.shards} "
             "--out {output.summary} > {log} 2>&1"
         )

@@ -8,12 +8,11 @@
 rule concept_scores:
     input:
         encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
-        config=RUN_CONFIG,
+        # the snapshot names the set's prompt hash: editing a prompt or template re-scores, the description does not
+        settings=lambda wc: CONCEPT_SETTINGS[wc.concept_set],
     output:
         PATHS.concept_summary(ENCODER, "{concept_set}"),
     params:
-        # editing a prompt or template re-scores; renaming the description does not
-        prompt_hash=lambda wc: concept_set_hash(wc.concept_set),
         entry=lambda wc: CONCEPT_SETS[wc.concept_set],
     wildcard_constraints:
         concept_set=one_of(CONCEPT_SETS),
@@ -24,19 +23,17 @@ rule concept_scores:
     conda:
         no_conda_env
     shell:
-        wsi_command("concepts --config {input.config} --concept-set {params.entry:q} > {log} 2>&1")
+        wsi_command("concepts --config {input.settings} --concept-set {params.entry:q} > {log} 2>&1")
 
 
 rule zero_shot:
     input:
         sheet=PATHS.task_dir("{task}") / "sheet.csv",
         splits=PATHS.task_dir("{task}") / "splits.json",
-        config=RUN_CONFIG,
+        settings=task_settings,
     output:
         summary=PATHS.task_dir("{task}") / "summary.json",
         heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
-    params:
-        mil_task_params,
     wildcard_constraints:
         task=one_of(ZERO_SHOT_TASKS),
     log:
@@ -44,7 +41,7 @@ rule zero_shot:
     conda:
         no_conda_env
     shell:
-        wsi_command("zero-shot --config {input.config} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("zero-shot --config {input.settings} --task {wildcards.task} > {log} 2>&1")
 
 
 rule explain_task:
@@ -52,14 +49,12 @@ rule explain_task:
         summary=PATHS.task_dir("{task}") / "summary.json",
         heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
         concepts=expand(PATHS.concept_summary(ENCODER, "{concept_set}"), concept_set=CONCEPT_SETS),
-        config=RUN_CONFIG,
+        settings=lambda wc: EXPLAIN_SETTINGS[wc.task],
     output:
         PATHS.task_explain_dir("{task}") / "index.html",
-    params:
-        explain=lambda wc: CFG.explain.model_dump(mode="json") if CFG.explain else None,
     log:
         RESULTS / "logs" / "explain" / "{task}.log",
     conda:
         no_conda_env
     shell:
-        wsi_command("explain --config {input.config} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("explain --config {input.settings} --task {wildcards.task} > {log} 2>&1")

@@ -10,47 +10,41 @@ rule mil_sheet:
     input:
         encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
         concepts=task_sheet_inputs,
-        config=RUN_CONFIG,
+        settings=task_settings,
         samples=SAMPLE_SHEET,
     output:
         PATHS.task_dir("{task}") / "sheet.csv",
-    params:
-        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_sheet.log",
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-sheet --config {input.config} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-sheet --config {input.settings} --task {wildcards.task} > {log} 2>&1")
 
 
 rule mil_splits:
     input:
         sheet=PATHS.task_dir("{task}") / "sheet.csv",
-        config=RUN_CONFIG,
+        settings=task_settings,
     output:
         PATHS.task_dir("{task}") / "splits.json",
-    params:
-        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_splits.log",
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-splits --config {input.config} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-splits --config {input.settings} --task {wildcards.task} > {log} 2>&1")
 
 
 rule mil_train:
     input:
         sheet=PATHS.task_dir("{task}") / "sheet.csv",
         splits=PATHS.task_dir("{task}") / "splits.json",
-        config=RUN_CONFIG,
+        settings=task_settings,
     output:
         PATHS.task_dir("{task}") / "fold{fold}" / "metrics.json",
     wildcard_constraints:
         task=one_of(TRAINED_TASKS),
-    params:
-        mil_task_params,
     log:
         RESULTS / "logs" / "mil" / "{task}_fold{fold}.log",
     resources:
@@ -59,13 +53,13 @@ rule mil_train:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-train --config {input.config} --task {wildcards.task} --fold {wildcards.fold} > {log} 2>&1")
+        wsi_command("mil-train --config {input.settings} --task {wildcards.task} --fold {wildcards.fold} > {log} 2>&1")
 
 
 rule mil_evaluate:
     input:
         folds=lambda wc: expand(PATHS.task_dir(wc.task) / "fold{fold}" / "metrics.json", fold=FOLDS),
-        config=RUN_CONFIG,
+        settings=task_settings,
     output:
         summary=PATHS.task_dir("{task}") / "summary.json",
         heatmaps=PATHS.task_dir("{task}") / "heatmaps" / "index.json",
@@ -76,7 +70,7 @@ rule mil_evaluate:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-evaluate --config {input.config} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-evaluate --config {input.settings} --task {wildcards.task} > {log} 2>&1")
 
 
 rule tasks_table:

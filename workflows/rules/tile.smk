@@ -5,19 +5,16 @@
 
 rule tile:
     input:
-        slide_input,
+        slide=slide_input,
+        settings=TILE_SETTINGS,  # backend, tiling and tissue sections: a change redoes every slide
     output:
         sidecar=PATHS.tile_sidecar("{slide_id}"),
     params:
         path=slide_path,
         mpp=slide_mpp_option,
         out=results_of_sidecar,
-        config=str(RUN_CONFIG),  # a param, not an input: editing another section must not redo every slide
-        # what the tiles depend on: a change here (or a replaced slide) redoes the slide and what follows
+        # the slide's content: a slide replaced under the same name (even with its old date) redoes it
         fingerprint=slide_fingerprint,
-        tiling=CFG.tiling.model_dump(),
-        tissue=CFG.tissue.model_dump(),
-        backend=CFG.backend,
     log:
         RESULTS / "logs" / "tile" / "{slide_id}.log",
     resources:
@@ -31,5 +28,5 @@ rule tile:
         # workflow again (~2.5 s of CPU per slide measured on the demo); the command loads only what tiling uses
         wsi_command(
             "tile {params.path:q} --out {params.out:q} --slide-id {wildcards.slide_id} {params.mpp} "
-            "--config {params.config:q} --record-failures > {log} 2>&1"
+            "--config {input.settings:q} --record-failures > {log} 2>&1"
         )

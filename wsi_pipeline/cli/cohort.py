@@ -1,4 +1,4 @@
-"""Cohort-wide verbs: `report`, `export-h5`, `schema`, `version`."""
+"""Cohort-wide verbs: `report`, `export-h5`, `export-features`, `schema`, `version`, `write-settings` (workflow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app, exit_with_error
+from .app import app, exit_with_error, run_or_exit
 
 
 @app.command()
@@ -97,3 +97,14 @@ def schema(out: Annotated[Path | None, typer.Option(help="write here instead of 
         out.write_text(text)
     else:
         sys.stdout.write(text)
+
+
+@app.command("write-settings", hidden=True)
+def write_settings(
+    out: Annotated[Path, typer.Option(help="RESULTS/settings/{scope}-{digest}.yaml")],
+    text: Annotated[str, typer.Option(help="the snapshot's text (its SHA-256 names the file)")],
+) -> None:
+    """Write one run settings snapshot once (what the workflow's run_settings rule runs)."""
+    from ..run_settings import write_settings as write_once
+
+    run_or_exit(lambda: write_once(out, text))

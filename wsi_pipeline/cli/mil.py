@@ -100,17 +100,20 @@ def bench_mil(
 @app.command("mil-sheet")
 def mil_sheet(config: ConfigOpt, task: TaskOpt) -> None:
     """Write RESULTS/mil/TASK/sheet.csv: the slides with features (excluded ones listed in excluded.csv)."""
+    import pandas as pd
+
     from ..config import load_config
-    from ..mil.workflow import write_task_sheet
+    from ..layout import ResultsLayout
+    from ..mil.workflow import describe_targets, write_task_sheet
 
     cfg = run_or_exit(lambda: load_config(config))
     task_cfg = run_or_exit(lambda: cfg.mil.task(task))
-    sheet = run_or_exit(
-        lambda: write_task_sheet(
-            cfg.cohort(), Path(cfg.results), cfg.encoder.name, task_cfg.name, task_cfg.concept_features
-        )
-    )
-    typer.echo(f"{task}: {len(sheet)} slides with features")
+    results = Path(cfg.results)
+    sheet = run_or_exit(lambda: write_task_sheet(cfg.cohort(), results, cfg.encoder.name, task_cfg))
+    out = ResultsLayout(results).task_dir(task)
+    excluded = pd.read_csv(out / "excluded.csv")
+    typer.echo(f"{task}: {len(sheet)} slides with features; {len(excluded)} left out (excluded.csv)")
+    typer.echo(f"{task}: {run_or_exit(lambda: describe_targets(out / 'sheet.csv', task_cfg))}")
 
 
 @app.command("mil-splits")

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..errors import TrainingDataError
 from .config import TaskConfig
+from .labels import refuse_label_typos, refuse_no_events, refuse_one_class
 
 
 @dataclass
@@ -202,23 +203,14 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
     else:
         df["_patient"] = df[task.patient_col].fillna(df[task.slide_col]).astype(str)
     df[task.slide_col] = df[task.slide_col].astype(str)
+    # bags, splits and models must not depend on the order of the sheet's rows: patients, then slides, by id
+    df = df.sort_values(["_patient", task.slide_col], kind="stable").reset_index(drop=True)
     if task.type != "survival":  # classification, and zero-shot (scored against the label, nothing trained)
         df = df[df[task.label].notna()].copy()
         values = label_strings(df[task.label])
-        prompted = [str(c) for c in task.class_prompts or {}]  # zero-shot: the classes are the prompted ones
-        classes = list(task.classes) if task.classes else prompted or sorted(values.unique())
-        unknown = sorted(set(values) - set(classes))
-        if unknown and task.type == "zero-shot":
-            raise TrainingDataError(
-                f"{path}: zero-shot task {task.name!r} has {task.label!r} values {unknown} without class_prompts "
-                f"(prompted classes: {classes}); add prompts for them to class_prompts or fix the sheet"
-            )
-        if unknown:
-            raise TrainingDataError(
-                f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
-                "fix the sheet or the task's `classes`"
-            )
+        classes = _task_classes(path, task, values, df[task.slide_col])
         df["_target"] = values.map({c: i for i, c in enumerate(classes)}).astype(int)
+        refuse_one_class(values.tolist(), task.name, str(path), str(task.label))
         return df, classes
     df = df[df[task.time].notna() & df[task.event].notna()].copy()
     times = pd.to_numeric(df[task.time], errors="coerce")
@@ -235,7 +227,40 @@ def load_sheet(sheet_csv: str | Path, task: TaskConfig) -> tuple[pd.DataFrame, l
             f"bad rows (slide ids): {bad_e[:20]}"
         )
     df["_time"], df["_event"] = times.astype(float), events.astype(int)
+    per_patient = df.groupby("_patient")["_event"].max()
+    refuse_no_events(int(per_patient.sum()), len(per_patient), task.name, str(path), str(task.event))
     return df, None
+
+
+def _task_classes(path: Path, task: TaskConfig, values: pd.Series, slides: pd.Series) -> list[str]:
+    """The task's class names in output order: the prompted ones (zero-shot, which must be exactly the sheet's),
+    the listed `classes:` (any other value refused), or the sheet's values, sorted, refusing likely typos."""
+    present = sorted(values.unique())
+    if task.type == "zero-shot":
+        classes = [str(c) for c in task.class_prompts or {}]
+        unknown, unused = sorted(set(present) - set(classes)), [c for c in classes if c not in set(present)]
+        if unknown:
+            raise TrainingDataError(
+                f"{path}: zero-shot task {task.name!r} has {task.label!r} values {unknown} without class_prompts "
+                f"(prompted classes: {classes}); add prompts for them to class_prompts or fix the sheet"
+            )
+        if unused:
+            raise TrainingDataError(
+                f"{path}: zero-shot task {task.name!r} prompts class(es) {unused} that no slide has in column "
+                f"{task.label!r} (values: {present}); the class_prompts keys must be the label's classes"
+            )
+        return classes
+    if task.classes:
+        classes = [str(c) for c in task.classes]
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise TrainingDataError(
+                f"{path}: task {task.name!r} has labels {unknown} not in classes {classes}; "
+                "fix the sheet or the task's `classes`"
+            )
+        return classes
+    refuse_label_typos(values, slides, str(task.label), task.name, str(path))
+    return present
 
 
 def label_strings(labels: pd.Series) -> pd.Series:

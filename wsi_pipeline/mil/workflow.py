@@ -16,19 +16,23 @@ from typing import Any
 import pandas as pd
 
 from ..layout import STATUS_OK, ResultsLayout
-from .bags import bags_from_sheet, load_sheet
+from .bags import bags_from_sheet, label_strings, load_sheet
 from .config import TaskConfig, TrainConfig
+from .labels import label_counts
 from .splits import task_splits
 
 
-def write_task_sheet(
-    cohort: pd.DataFrame, results: Path, encoder: str, task: str, concept_set: str | None = None
-) -> pd.DataFrame:
-    """The cohort rows whose slide has a complete, non-empty feature store (and, for a concept-bottleneck task,
-    concept scores from `concept_set`); the rest go to excluded.csv with the reason."""
+def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: TaskConfig) -> pd.DataFrame:
+    """The cohort rows with a target for the task whose slide has a complete, non-empty feature store (and, for a
+    concept-bottleneck task, concept scores from its set); every other slide goes to excluded.csv with the reason."""
     layout = ResultsLayout(results)
+    concept_set = task.concept_features
     keep, excluded = [], []
+    blank = _blank_targets(cohort, task)
     for sid in cohort.index:
+        if sid in blank:
+            excluded.append({"slide_id": sid, "encode_status": "", "reason": blank[sid]})
+            continue
         side = _sidecar(layout.feature_sidecar(encoder, sid))
         status = side.get("status", "not encoded")
         if status == STATUS_OK and concept_set:
@@ -37,13 +41,26 @@ def write_task_sheet(
         if status == STATUS_OK and int(side.get("n_tiles") or 0) > 0:
             keep.append(sid)
         else:
-            excluded.append({"slide_id": sid, "encode_status": status, "reason": side.get("reason") or ""})
-    out = layout.task_dir(task)
+            reason = side.get("reason") or ("no tiles" if status == STATUS_OK else "")
+            excluded.append({"slide_id": sid, "encode_status": status, "reason": reason})
+    out = layout.task_dir(task.name)
     out.mkdir(parents=True, exist_ok=True)
     sheet = cohort.loc[keep].reset_index(drop=True)
     pd.DataFrame(excluded, columns=["slide_id", "encode_status", "reason"]).to_csv(out / "excluded.csv", index=False)
     sheet.to_csv(out / "sheet.csv", index=False)
     return sheet
+
+
+def _blank_targets(cohort: pd.DataFrame, task: TaskConfig) -> dict[str, str]:
+    """Slides whose target cell is empty for this task -> why they are left out (not a silent drop)."""
+    columns = [task.time, task.event] if task.type == "survival" else [task.label]
+    reasons: dict[str, str] = {}
+    for column in columns:
+        if column is None or column not in cohort.columns:
+            continue  # a missing column is load_sheet's one-line error, naming the sheet's columns
+        for sid in cohort.index[cohort[column].isna()]:
+            reasons.setdefault(str(sid), f"no value in column {column!r} for task {task.name!r}")
+    return reasons
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
@@ -62,3 +79,13 @@ def write_task_splits(sheet_csv: Path, task: TaskConfig, train: TrainConfig, out
     """Make (or reuse) the task's patient-level splits once, before the fold jobs start in parallel."""
     df, _ = load_sheet(sheet_csv, task)
     return task_splits(out / "splits.json", bags_from_sheet(df, task), task, train)
+
+
+def describe_targets(sheet_csv: Path, task: TaskConfig) -> str:
+    """What the task will learn from, printed before any training: slides per class, or events per patient (the
+    sheet is read as training reads it, so a typo'd label or a one-class task is refused here already)."""
+    df, _ = load_sheet(sheet_csv, task)
+    if task.type == "survival":
+        per_patient = df.groupby("_patient")["_event"].max()
+        return f"{int(per_patient.sum())} events among {len(per_patient)} patients ({len(df)} slides)"
+    return f"slides per {task.label!r} value: {label_counts(label_strings(df[task.label]))}"
