@@ -165,8 +165,13 @@ def test_resume_reuses_and_changes_rescore(world: dict[str, Any], tmp_path: Path
     table = score_cohort(results, ENC, SLIDES, edited)
     assert not table["reused"].any()
     assert read_concept_scores(layout.concept_store(ENC, "mini", "s1")).attrs["prompt_hash"] == edited.prompt_hash
-    # a re-encoded slide (a new feature store) re-scores that slide only; force re-scores all
+    # a re-encoded slide (a new feature store) re-scores that slide only, even re-encoded within the second its
+    # scores were made (same `created` stamp: the store's id tells them apart); force re-scores all
+    old = zarr.open_group(str(layout.feature_store(ENC, "s2")), mode="r").attrs.asdict()
     encode_slide(results, "s2", cfg_for(world["model"]), force=True)
+    store = zarr.open_group(str(layout.feature_store(ENC, "s2")), mode="r+")
+    assert store.attrs["store_id"] != old["store_id"]
+    store.attrs["created"] = old["created"]
     table = score_cohort(results, ENC, SLIDES, edited)
     assert table.set_index("slide_id")["reused"].to_dict() == {"s1": True, "s2": False, "s3": True}
     forced = score_cohort(results, ENC, SLIDES, edited, force=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,9 @@ def _store_attrs(
             "batch_size": params.batch_size,
             "package_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # this store's identity: new at every write, so what was computed from an earlier store (concept
+            # scores) is told apart even when both were written within one second
+            "store_id": uuid.uuid4().hex,
             "complete": False,
         }
     )

@@ -12,8 +12,8 @@ Out of core and read-bound: features are `dask.array.from_zarr` arrays in row bl
 shards; each block is one matmul (similarity.cosine_block) and goes straight to the score store, so memory holds a few
 blocks whatever the cohort's size. Slides are scored in windows of `WINDOW_SLIDES` in one threaded dask graph, so one
 slide's reads overlap another's matmuls, and each slide is published the moment its blocks are written. A store is
-reused when its attrs say it was computed from the same feature store (its `created` stamp), image model, text model
-and prompts (the prompt hash) with the same feature-check outcome; `force` recomputes.
+reused when its attrs say it was computed from the same feature store (its `store_id` and `created` stamp), image
+model, text model and prompts (the prompt hash) with the same feature-check outcome; `force` recomputes.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def expected_attrs(feature_attrs: dict[str, Any], emb: ConceptEmbeddings, check:
         "text_model_key": text_model_key(emb.text_provenance),
         "image_model_key": image_model_key(feature_attrs.get("provenance") or {}),
         "feature_store_created": feature_attrs.get("created"),
+        "feature_store_id": feature_attrs.get("store_id"),  # the very store read: a re-encode is a new one
         "feature_store_n_tiles": int(feature_attrs.get("n_tiles") or 0),
         "feature_check_status": check.status,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -227,4 +228,5 @@ def _store_attrs(
         "mask_threshold": float(mask.threshold),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "store_id": uuid.uuid4().hex,  # new at every tiling: a feature store made from another table is stale
     }

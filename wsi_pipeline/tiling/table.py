@@ -70,6 +70,7 @@ def tiles_signature(tile_attrs: Mapping[str, Any]) -> dict[str, Any]:
         k: tile_attrs.get(k)
         for k in (
             "created",
+            "store_id",
             "n_tiles",
             "slide_path",
             "tile_px",
