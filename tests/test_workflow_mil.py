@@ -91,6 +91,32 @@ def test_predict_applies_a_trained_model(demo_run: Path, tmp_path: Path) -> None
     assert len(pred) == 2
 
 
+def predict_cli(model: Path, features: Path, out: Path, *slides: str) -> subprocess.CompletedProcess[str]:
+    cli = str(Path(sys.executable).with_name("wsi-pipeline"))
+    args = [cli, "predict", "--model", str(model), "--features", str(features), "--out", str(out), *slides]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_refuses_what_it_cannot_apply_in_one_line(demo_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other_encoder"
+    group = zarr.open_group(str(other / "demo_000.zarr"), mode="w")
+    group.create_array("features", data=np.zeros((5, 7), np.float16))
+    group.create_array("coords", data=np.zeros((5, 2), np.int64))
+    cases = [
+        (demo_run / "mil" / "demo_class", other, "features are 7-d but the model in"),
+        (demo_run / "mil" / "demo_zero_shot", demo_run / "features" / "conceptclip", "a zero-shot task has no trained"),
+        (demo_run / "mil" / "demo_class_concepts", demo_run / "features" / "conceptclip", "learnt from concept scores"),
+    ]
+    for model, features, says in cases:
+        run = predict_cli(model, features, tmp_path / "p.csv", "demo_000")
+        assert run.returncode == 1 and says in run.stderr and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    # the concept bottleneck applied to its concept scores works
+    scores = demo_run / "explain" / "conceptclip" / "tissue"
+    run = predict_cli(demo_run / "mil" / "demo_class_concepts", scores, tmp_path / "p.csv", "demo_000", "demo_001")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 2
+
+
 # --- stage 4 (explain:) in the same run: the shipped config scores tissue + lesion, runs demo_zero_shot and the
 # concept-bottleneck demo_class_concepts. The demo model and the slides' known textures give checkable answers.
 

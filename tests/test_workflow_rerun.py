@@ -148,3 +148,97 @@ def test_a_moved_results_folder_redoes_changed_tiling_without_metadata(small_run
     write_config(wd, "cfg.yaml", wd / "results", samples=sheet)
     back = job_counts(snakemake(wd, "-n").stdout)
     assert back["tile"] == 12
+
+
+def copy_of_run(small_run: Path, tmp_path: Path, name: str) -> Path:
+    """The finished run in another folder with its own sample sheet (dates kept, no .snakemake/metadata)."""
+    wd = tmp_path / name
+    wd.mkdir()
+    shutil.copy(small_run / "samples.csv", wd / "samples.csv")
+    subprocess.run(["cp", "-a", str(small_run / "results"), str(wd / "results")], check=True)
+    write_config(wd, "cfg.yaml", wd / "results")
+    return wd
+
+
+def test_a_slide_removed_from_the_sheet_leaves_no_trace(small_run: Path, tmp_path: Path) -> None:
+    wd = copy_of_run(small_run, tmp_path, "removed")
+    sheet = pd.read_csv(wd / "samples.csv")
+    sheet[sheet["slide_id"] != "demo_011"].to_csv(wd / "samples.csv", index=False)
+    run = snakemake(wd)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    results = wd / "results"
+    for task in ("cls", "surv"):
+        assert not (results / "attention" / task / "demo_011.zarr").exists()
+        assert "demo_011" not in json.loads((results / "mil" / task / "heatmaps" / "index.json").read_text())
+        assert not list((results / "mil" / task / "heatmaps").glob("demo_011_*"))
+        tested = pd.concat(pd.read_csv(p) for p in (results / "mil" / task).glob("fold*/predictions.csv"))
+        assert "demo_011" not in ";".join(tested["slide_ids"])
+
+
+def test_bad_labels_and_damaged_stores_stop_the_task_with_the_reason_on_the_console(
+    small_run: Path, tmp_path: Path
+) -> None:
+    wd = copy_of_run(small_run, tmp_path, "bad")
+    sheet = pd.read_csv(wd / "samples.csv")
+    sheet["dx"] = ["tumor" if label else "normal" for label in sheet["label"]]
+    sheet.loc[sheet["slide_id"] == "demo_005", "dx"] = "tumour"
+    sheet.loc[sheet["slide_id"] == "demo_010", "dx"] = None  # blank: left out, with the reason
+    sheet.to_csv(wd / "samples.csv", index=False)
+    extra = "    - {name: dx, type: classification, label: dx}\n"
+    text = (wd / "cfg.yaml").read_text().replace("  train:", extra + "  train:", 1)
+    (wd / "cfg.yaml").write_text(text)
+    run = snakemake(wd, "--keep-going")
+    assert run.returncode != 0
+    console = run.stdout + run.stderr
+    line = next(x for x in console.splitlines() if "look like one class written two ways" in x)
+    assert "'tumor' (" in line and "'tumour' (1; 'tumour' on demo_005)" in line and "(log: " in line
+    excluded = pd.read_csv(wd / "results" / "mil" / "dx" / "excluded.csv").set_index("slide_id")
+    assert excluded.loc["demo_010", "reason"] == "no value in column 'dx' for task 'dx'"
+    # the typo fixed, two feature stores damaged: one line names both
+    sheet.loc[sheet["slide_id"] == "demo_005", "dx"] = "tumor"
+    sheet.to_csv(wd / "samples.csv", index=False)
+    features = wd / "results" / "features" / "conceptclip"
+    for sid in ("demo_003", "demo_007"):
+        chunk = next(p for p in (features / f"{sid}.zarr" / "features").rglob("*") if p.is_file() and p.stat().st_size)
+        chunk.write_bytes(b"\x00garbage" * 8)
+    run = snakemake(wd, "--keep-going")
+    console = run.stdout + run.stderr
+    assert run.returncode != 0
+    line = next(x for x in console.splitlines() if "store(s) cannot be trained on" in x)
+    assert "2 store(s)" in line and "demo_003 (" in line and "demo_007 (" in line
+
+
+def test_kill_9_of_a_training_job_then_a_plain_rerun_gives_the_uninterrupted_results(
+    small_run: Path, tmp_path: Path
+) -> None:
+    wd = copy_of_run(small_run, tmp_path, "killed")
+    results = wd / "results"
+    for metrics in results.glob("mil/*/fold*/metrics.json"):
+        metrics.unlink()  # every fold trains again in this copy
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(wd / "cfg.yaml")]
+    first = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pattern = f"mil-train --config {results}/settings/task-cls-.* --task cls --fold 01"
+    killed = False
+    try:
+        deadline = time.time() + 300
+        while not killed and first.poll() is None and time.time() < deadline:
+            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+            if found:
+                time.sleep(1.0)  # let it train for a moment
+                subprocess.run(["kill", "-9", *found])
+                killed = True
+            time.sleep(0.1)
+        out, _ = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert killed and first.returncode != 0, out[-3000:]
+    assert not (results / "mil" / "cls" / "fold01").exists() or not list(results.glob("mil/cls/fold01/metrics.json"))
+    again = snakemake(wd)  # the README's recovery: the same command again
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    for task in ("cls", "surv"):
+        summary = (results / "mil" / task / "summary.json").stat().st_mtime_ns
+        for fold in ("fold00", "fold01"):
+            assert (results / "mil" / task / fold / "metrics.json").stat().st_mtime_ns <= summary
+            mine = pd.read_csv(results / "mil" / task / fold / "predictions.csv")
+            reference = pd.read_csv(small_run / "results" / "mil" / task / fold / "predictions.csv")
+            pd.testing.assert_frame_equal(mine, reference, check_exact=False, rtol=1e-5)

@@ -36,8 +36,11 @@ export_parent_pid()
 
 
 def wsi_command(args):
-    """A shell rule's command: the CLI (WSI) with `args`, which keep their {input}/{log}/... placeholders."""
-    return f"{WSI} {args}"
+    """A shell rule's command: the CLI (WSI) with `args` (their {input}/{log}/... placeholders kept), its output in
+    the job's log; a failed job also prints the log's last line (the command's one-line reason) on the console, so
+    `Error in rule ...` is never the only thing a user sees."""
+    failed = 'echo "failed ({wildcards}): $(tail -n 1 {log:q}) (log: {log})" >&2'
+    return f"{WSI} {args} > {{log:q}} 2>&1 || {{{{ status=$?; {failed}; exit $status; }}}}"
 
 
 def no_conda_env(wildcards):

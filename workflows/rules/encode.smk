@@ -26,5 +26,5 @@ rule encode:
     shell:
         wsi_command(
             "encode-shard --config {input.settings} --shard {params.shard} --shards {params.shards} "
-            "--out {output.summary} > {log} 2>&1"
+            "--out {output.summary}"
         )

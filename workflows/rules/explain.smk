@@ -23,7 +23,7 @@ rule concept_scores:
     conda:
         no_conda_env
     shell:
-        wsi_command("concepts --config {input.settings} --concept-set {params.entry:q} > {log} 2>&1")
+        wsi_command("concepts --config {input.settings} --concept-set {params.entry:q}")
 
 
 rule zero_shot:
@@ -41,7 +41,7 @@ rule zero_shot:
     conda:
         no_conda_env
     shell:
-        wsi_command("zero-shot --config {input.settings} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("zero-shot --config {input.settings} --task {wildcards.task}")
 
 
 rule explain_task:
@@ -57,4 +57,4 @@ rule explain_task:
     conda:
         no_conda_env
     shell:
-        wsi_command("explain --config {input.settings} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("explain --config {input.settings} --task {wildcards.task}")

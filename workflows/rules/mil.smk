@@ -19,7 +19,7 @@ rule mil_sheet:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-sheet --config {input.settings} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-sheet --config {input.settings} --task {wildcards.task}")
 
 
 rule mil_splits:
@@ -33,7 +33,7 @@ rule mil_splits:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-splits --config {input.settings} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-splits --config {input.settings} --task {wildcards.task}")
 
 
 rule mil_train:
@@ -53,7 +53,7 @@ rule mil_train:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-train --config {input.settings} --task {wildcards.task} --fold {wildcards.fold} > {log} 2>&1")
+        wsi_command("mil-train --config {input.settings} --task {wildcards.task} --fold {wildcards.fold}")
 
 
 rule mil_evaluate:
@@ -70,7 +70,7 @@ rule mil_evaluate:
     conda:
         no_conda_env
     shell:
-        wsi_command("mil-evaluate --config {input.settings} --task {wildcards.task} > {log} 2>&1")
+        wsi_command("mil-evaluate --config {input.settings} --task {wildcards.task}")
 
 
 rule tasks_table:

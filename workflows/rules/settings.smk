@@ -17,7 +17,7 @@ rule run_settings:
     conda:
         no_conda_env
     shell:
-        wsi_command("write-settings --out {output:q} --text {params.text:q} > {log} 2>&1")
+        wsi_command("write-settings --out {output:q} --text {params.text:q}")
 
 
 onstart:

@@ -1,12 +1,14 @@
 """Cohort training: one task, k-fold x seeds, per-fold outputs on disk; prediction with saved models.
 
 Layout under `out_dir`: config.json, splits.json, fold{NN}/ (model.safetensors + model.json, predictions.csv,
-metrics.json) and the summary written by `evaluate_task`. A fold whose metrics.json exists is complete and is
-skipped on re-runs, so an error later never costs the folds already trained.
+metrics.json) and the summary written by `evaluate_task`. A fold folder is published whole (one rename) and records
+the key of what made it (`fold_key`): a rerun skips a fold with the same key, so an error later never costs the folds
+already trained, and retrains one made with other settings or another split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, TrainingDataError
-from ..io.atomic import atomic_group
+from ..io.atomic import atomic_group, publish, temporary_name
 from ..io.jsonio import to_jsonable, write_json_atomic
 from .bags import Bag, ZarrStore, bag_strata, bags_from_sheet, load_sheet
 from .config import TaskConfig, TrainConfig, as_task, as_train
@@ -109,6 +111,22 @@ def write_attention(att_dir: Path, store: ZarrStore, bag: Bag, scores: np.ndarra
         start += n
 
 
+def fold_key(task: TaskConfig, cfg: TrainConfig, splits: dict[str, Any], entry: dict[str, Any]) -> str:
+    """What made a fold: the task, the training settings (but the ones that only say how to show progress) and
+    its split. A fold folder recording another key is retrained, not reused."""
+    train = cfg.model_dump(mode="json", exclude={"quiet", "loader_threads", "num_threads", "cache_bytes"})
+    payload = {"task": task.model_dump(mode="json"), "train": train, "splits": splits["fingerprint"], "entry": entry}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished_fold(fold_dir: Path, key: str) -> dict[str, Any] | None:
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("settings_key") == key else None
+
+
 def train_task(
     sheet_csv: str | Path,
     features_dir: str | Path,
@@ -155,10 +173,11 @@ def train_task(
     results = []
     for entry in splits["splits"] if fold is None else [splits["splits"][fold]]:
         fold_dir = out / f"fold{entry['index']:02d}"
-        if (fold_dir / "metrics.json").exists():  # done in an earlier run
-            results.append(json.loads((fold_dir / "metrics.json").read_text()))
+        key = fold_key(task, cfg, splits, entry)
+        done = _finished_fold(fold_dir, key)
+        if done is not None:  # done in an earlier run, with these settings and this split
+            results.append(done)
             continue
-        fold_dir.mkdir(exist_ok=True)
         train, val, test = ([by_id[i] for i in entry[k]] for k in ("train", "val", "test"))
         problem = make_problem(task, cfg, classes, train)
         spec = model_spec(cfg, store.dim, problem)
@@ -168,14 +187,19 @@ def train_task(
         pred = predict_bags(
             model, store, test, problem, device, attention=True, amp=cfg.amp, threads=cfg.loader_threads
         )
-        table = _prediction_rows(test, pred["scores"], problem, entry)
-        table.to_csv(fold_dir / "predictions.csv", index=False)
         meta = {"task": task.name, "index": entry["index"], "seed": entry["seed"], "fold": entry["fold"]}
-        save_checkpoint(fold_dir, model, spec, problem, meta | {"best_epoch": info["best_epoch"]})
         if entry["seed"] == splits["seeds"][0]:
             att_dir.mkdir(parents=True, exist_ok=True)
             for bag, scores in zip(test, pred["attention"], strict=True):
                 write_attention(att_dir, store, bag, scores, meta | {"model": cfg.model})
+        # the fold is written beside its final place and published in one rename: a job killed at any point
+        # leaves no fold folder that looks finished, and a rerun trains it again
+        tmp = temporary_name(fold_dir)
+        tmp.mkdir()
+        table = _prediction_rows(test, pred["scores"], problem, entry)
+        table.to_csv(tmp / "predictions.csv", index=False)
+        features = {"features": task.features, "array": store.array, "in_dim": store.dim}
+        save_checkpoint(tmp, model, spec, problem, meta | features | {"best_epoch": info["best_epoch"]})
         metrics = (
             fold_metrics(table, problem)
             | meta
@@ -186,10 +210,12 @@ def train_task(
                 "best_epoch": info["best_epoch"],
                 "epochs_run": len(info["history"]),
                 "device": info["device"],
+                "settings_key": key,
                 "history": info["history"],
             }
         )
-        write_json_atomic(fold_dir / "metrics.json", metrics)  # written last: marks the fold complete
+        write_json_atomic(tmp / "metrics.json", metrics)
+        publish(tmp, fold_dir, overwrite=True)
         results.append(to_jsonable(metrics))
     summary = None
     if fold is None:
@@ -210,10 +236,34 @@ def predict(
         else sorted(p.parent for p in model_dir.glob("fold*/model.json"))
     )
     if not dirs:
+        config = _read_json(model_dir / "config.json")
+        if (config.get("task") or {}).get("type") == "zero-shot":
+            raise ConfigError(
+                f"{model_dir}: a zero-shot task has no trained model to apply; score new slides with "
+                "`wsi-pipeline zero-shot` on a config listing them"
+            )
         raise ConfigError(f"{model_dir}: no trained model (model.json) here or in fold*/; train the task first")
-    store = ZarrStore(features_dir)
+    metas = [_read_json(d / "model.json") for d in dirs]
+    array = metas[0].get("array") or "features"
+    store = ZarrStore(features_dir, array=array)
     bags = [Bag(s, [s]) for s in slide_ids]
-    store.check(bags)
+    try:
+        store.check(bags)
+    except TrainingDataError as err:
+        if array == "cosine":  # a concept bottleneck reads concept scores, not the encoder's features
+            raise TrainingDataError(
+                f"{err}; this model learnt from concept scores ({metas[0].get('features')}): pass --features "
+                "RESULTS/explain/ENCODER/SET, the folder of that set's score stores"
+            ) from None
+        raise
+    want = int(metas[0]["spec"]["in_dim"])
+    if store.dim != want:
+        what = "concept scores" if array == "cosine" else "features"
+        raise TrainingDataError(
+            f"{features_dir}: {what} are {store.dim}-d but the model in {dirs[0]} was trained on {want}-d "
+            f"{what} ({metas[0].get('features') or 'raw'}); use {what} from the encoder (and concept set) it was "
+            "trained on"
+        )
     dev = resolve_device(device)
     scores, problem = [], None
     for d in dirs:
@@ -232,3 +282,13 @@ def predict(
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_csv, index=False)
     return df
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); retrain the task to write it again") from None
+    return data if isinstance(data, dict) else {}

@@ -15,8 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import TrainingDataError
 from ..layout import STATUS_OK, ResultsLayout
-from .bags import bags_from_sheet, label_strings, load_sheet
+from .bags import Bag, ZarrStore, bags_from_sheet, label_strings, load_sheet
 from .config import TaskConfig, TrainConfig
 from .labels import label_counts
 from .splits import task_splits
@@ -43,12 +44,38 @@ def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: Ta
         else:
             reason = side.get("reason") or ("no tiles" if status == STATUS_OK else "")
             excluded.append({"slide_id": sid, "encode_status": status, "reason": reason})
+    refuse_unreadable(task_features_dir(results, encoder, task), keep, "cosine" if concept_set else "features")
     out = layout.task_dir(task.name)
     out.mkdir(parents=True, exist_ok=True)
     sheet = cohort.loc[keep].reset_index(drop=True)
     pd.DataFrame(excluded, columns=["slide_id", "encode_status", "reason"]).to_csv(out / "excluded.csv", index=False)
     sheet.to_csv(out / "sheet.csv", index=False)
     return sheet
+
+
+def refuse_unreadable(features_dir: Path, slide_ids: list[str], array: str, threads: int = 4) -> None:
+    """Read every store the task will train on, once, before any fold starts: a damaged chunk or a NaN found in
+    epoch 3 of one fold named one slide per job; here every bad store is named in one line. (One full read of the
+    task's features, the cost of one training epoch.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ZarrStore(features_dir, array=array)
+
+    def problem(sid: str) -> str | None:
+        try:
+            store.load(Bag(sid, [sid]))
+        except TrainingDataError as err:
+            return f"{sid} ({str(err).removeprefix(str(store.path(sid)) + ': ').split(';')[0]})"
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        bad = [p for p in pool.map(problem, slide_ids) if p]
+    if bad:
+        shown = "; ".join(bad[:20]) + (f"; ... ({len(bad)} in all)" if len(bad) > 20 else "")
+        raise TrainingDataError(
+            f"{features_dir}: {len(bad)} store(s) cannot be trained on: {shown}; re-run their feature extraction "
+            "(delete them and run snakemake --forcerun encode) or drop them from the sample sheet"
+        )
 
 
 def _blank_targets(cohort: pd.DataFrame, task: TaskConfig) -> dict[str, str]:
