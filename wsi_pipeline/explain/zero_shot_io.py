@@ -18,6 +18,8 @@ heatmaps and the explain page read like attention.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,9 @@ def fold_outputs(run: ZeroShotRun, table: pd.DataFrame, entry: dict[str, Any]) -
         per_pooling[name] = classification_metrics(rows["y_true"].to_numpy(int), probs, len(run.classes))
     meta = {"task": run.task.name, "index": entry["index"], "seed": entry["seed"], "fold": entry["fold"]}
     fitted_nothing = {"n_train": 0, "n_val": 0, "n_test": len(test), "best_epoch": None, "epochs_run": 0}
+    # what made the fold, as a trained fold records it: the task (prompts, poolings), the prompt hash, the split
+    made_of = {"task": run.task.model_dump(mode="json"), "prompts": run.embeddings.prompt_hash, "entry": entry}
+    fitted_nothing["settings_key"] = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
     metrics = (
         per_pooling[run.primary]
         | meta
