@@ -66,7 +66,7 @@ def encode(
 
 @app.command("encode-shard")
 def encode_shard(
-    config: Annotated[Path, typer.Option(help="a YAML config (the workflow passes its settings snapshot, RESULTS/settings/SCOPE-DIGEST.yaml)")],
+    config: Annotated[Path, typer.Option(help="YAML config (the workflow passes RESULTS/settings/SCOPE-DIGEST.yaml)")],
     shard: Annotated[int, typer.Option(help="which shard, 0-based")] = 0,
     shards: Annotated[int, typer.Option(help="how many shards the cohort is split into")] = 1,
     out: Annotated[Path | None, typer.Option(help="summary JSON (default RESULTS/features/ENC/shards/...)")] = None,

@@ -10,7 +10,7 @@ import typer
 
 from .app import app, exit_with_error, run_or_exit
 
-ConfigOpt = Annotated[Path, typer.Option(help="a YAML config (the workflow passes its settings snapshot, RESULTS/settings/SCOPE-DIGEST.yaml)")]
+ConfigOpt = Annotated[Path, typer.Option(help="YAML config (the workflow passes RESULTS/settings/SCOPE-DIGEST.yaml)")]
 TaskOpt = Annotated[str, typer.Option(help="task name from mil.tasks")]
 
 
