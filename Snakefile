@@ -24,4 +24,5 @@ rule all:
         explain_targets(),
         # the settings snapshots: a missing one (changed settings) reruns its jobs even without .snakemake/metadata
         [PATHS.settings_file(name) for name in SETTINGS],
+        stale_tile_markers(),  # slides whose file, content or MPP changed since their sidecar was written
     default_target: True

@@ -5,6 +5,7 @@ no other invocation can rewrite, a dry run writes nothing, and what is redone fo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,36 @@ def test_kill_9_of_a_training_job_then_a_plain_rerun_gives_the_uninterrupted_res
             mine = pd.read_csv(results / "mil" / task / fold / "predictions.csv")
             reference = pd.read_csv(small_run / "results" / "mil" / task / fold / "predictions.csv")
             pd.testing.assert_frame_equal(mine, reference, check_exact=False, rtol=1e-5)
+
+
+def test_a_replaced_slide_or_a_new_mpp_is_retiled_without_metadata(small_run: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "own_slides"
+    (wd / "slides").mkdir(parents=True)
+    sheet = pd.read_csv(small_run / "samples.csv")
+    for sid in ("demo_004", "demo_005"):  # this cohort's own copies of two slides
+        shutil.copy2(DEMO / "slides" / f"{sid}.svs", wd / "slides" / f"{sid}.svs")
+        sheet.loc[sheet["slide_id"] == sid, "path"] = str(wd / "slides" / f"{sid}.svs")
+    sheet.to_csv(wd / "samples.csv", index=False)
+    subprocess.run(["cp", "-a", str(small_run / "results"), str(wd / "results")], check=True)
+    write_config(wd, "cfg.yaml", wd / "results")
+    run = snakemake(wd)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    shutil.rmtree(wd / ".snakemake")  # as after a move, a copy to a cluster or a restore
+    assert "Nothing to be done" in snakemake(wd, "-n").stdout
+    # demo_004 replaced by other content under its name and date; demo_007 given an MPP in the sheet
+    target = wd / "slides" / "demo_004.svs"
+    stamp = target.stat()
+    target.write_bytes((wd / "slides" / "demo_005.svs").read_bytes())
+    os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    sheet["mpp"] = [0.5 if sid == "demo_007" else None for sid in sheet["slide_id"]]
+    sheet.to_csv(wd / "samples.csv", index=False)
+    shutil.rmtree(wd / ".snakemake", ignore_errors=True)
+    dry = snakemake(wd, "-n")
+    counts = job_counts(dry.stdout)
+    assert counts["tile"] == 2 and counts["tile_redo_marker"] == 2, dry.stdout[-3000:]
+    assert "demo_004.json" in dry.stdout and "demo_007.json" in dry.stdout
+    run = snakemake(wd)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    again = snakemake(wd, "-n")
+    assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
+    assert json.loads((wd / "results" / "tiles" / "demo_007.json").read_text())["mpp_override"] == 0.5

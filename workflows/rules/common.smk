@@ -1,4 +1,6 @@
 # Shared by every rule: the validated configuration (pydantic, one error line per problem) and the cohort table.
+import functools
+import hashlib
 import json
 import re
 import sys
@@ -54,23 +56,74 @@ wildcard_constraints:
     slide_id=SLIDE_ID_PATTERN,
 
 
-def slide_path(wildcards):
-    return COHORT.loc[wildcards.slide_id, "path"]
+def slide_path(slide_id):
+    return COHORT.loc[slide_id, "path"]
 
 
 def slide_input(wildcards):
     """The slide as input when it exists; a missing file is still tiled, so its failure lands in the report."""
-    path = Path(slide_path(wildcards))
+    path = Path(slide_path(wildcards.slide_id))
     return [str(path)] if path.exists() else []
+
+
+@functools.cache
+def recorded_tiling(slide_id):
+    """The slide's tile sidecar as written (what it was tiled from); {} before its first tiling."""
+    try:
+        return json.loads(PATHS.tile_sidecar(slide_id).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@functools.cache
+def slide_identity(slide_id):
+    """What a slide's tiles are made from, besides the tile settings: its file, content fingerprint (a stat when the
+    file is unchanged, a ~110 KB sampled read otherwise) and the sheet's MPP override."""
+    recorded = recorded_tiling(slide_id).get("slide_fingerprint")
+    mpp = COHORT.loc[slide_id, "mpp"]
+    return {
+        "path": str(slide_path(slide_id)),
+        "fingerprint": current_fingerprint(slide_path(slide_id), recorded),
+        "mpp_override": None if mpp != mpp else float(mpp),  # NaN: not given
+    }
 
 
 def slide_fingerprint(wildcards):
     """The slide's content fingerprint (wsi_pipeline.slide.fingerprint) as a param of the tile rule: a slide
     replaced under the same name, even with its old date (cp -p, rsync -a, a restore), changes it, and Snakemake
     redoes the slide and everything after it. Unchanged files cost a stat, not a read."""
-    sidecar = PATHS.tile_sidecar(wildcards.slide_id)
-    recorded = json.loads(sidecar.read_text()).get("slide_fingerprint") if sidecar.exists() else None
-    return current_fingerprint(slide_path(wildcards), recorded) or "missing"
+    return slide_identity(wildcards.slide_id)["fingerprint"] or "missing"
+
+
+def tile_redo_marker(slide_id):
+    """tiles/.redo/{slide}.{digest}: a target when the slide's sidecar was made from another file, content or MPP
+    than the sheet now gives, so the slide is retiled even where .snakemake/metadata is gone (the fingerprint param
+    above needs it). The marker stays an input while it exists, so a retiled slide is not redone again."""
+    identity = json.dumps(slide_identity(slide_id), sort_keys=True)
+    return PATHS.tiles_dir / ".redo" / f"{slide_id}.{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def tile_is_stale(slide_id):
+    recorded = recorded_tiling(slide_id)
+    if not recorded:
+        return False
+    now = slide_identity(slide_id)
+    was = {
+        "path": recorded.get("path"),
+        "fingerprint": (recorded.get("slide_fingerprint") or {}).get("fingerprint"),
+        "mpp_override": recorded.get("mpp_override"),
+    }
+    return was != now
+
+
+def tile_redo_input(wildcards):
+    marker = tile_redo_marker(wildcards.slide_id)
+    return [marker] if marker.exists() or tile_is_stale(wildcards.slide_id) else []
+
+
+def stale_tile_markers():
+    """The redo markers of every slide to retile because its recorded identity is not the sheet's (rule all)."""
+    return [tile_redo_marker(sid) for sid in SLIDES if tile_is_stale(sid)]
 
 
 def results_of_sidecar(wildcards, output):

@@ -20,6 +20,22 @@ rule run_settings:
         wsi_command("write-settings --out {output:q} --text {params.text:q}")
 
 
+rule tile_redo_marker:
+    output:
+        PATHS.tiles_dir / ".redo" / "{slide_id}.{digest}",
+    wildcard_constraints:
+        digest="[0-9a-f]{12}",
+    log:
+        RESULTS / "logs" / "tile" / "{slide_id}.{digest}.redo.log",
+    localrule: True
+    conda:
+        no_conda_env
+    shell:
+        # the slide's earlier markers go, so that going back to an earlier file or MPP retiles it again
+        'find "$(dirname {output:q})" -maxdepth 1 -name "{wildcards.slide_id}.*" ! -name "$(basename {output:q})" '
+        "-delete > {log:q} 2>&1; echo retile > {output:q}"
+
+
 onstart:
     # a real run (never a dry run): drop the superseded snapshots of these scopes, so that returning to earlier
     # settings writes their snapshot anew and redoes the work; then record the whole config (no job reads it)

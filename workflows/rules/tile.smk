@@ -7,10 +7,11 @@ rule tile:
     input:
         slide=slide_input,
         settings=TILE_SETTINGS,  # backend, tiling and tissue sections: a change redoes every slide
+        redo=tile_redo_input,  # the slide's file, content or MPP differ from what its sidecar records
     output:
         sidecar=PATHS.tile_sidecar("{slide_id}"),
     params:
-        path=slide_path,
+        path=lambda wc: slide_path(wc.slide_id),
         mpp=slide_mpp_option,
         out=results_of_sidecar,
         # the slide's content: a slide replaced under the same name (even with its old date) redoes it
