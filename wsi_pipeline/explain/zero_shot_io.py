@@ -136,8 +136,13 @@ def fold_outputs(run: ZeroShotRun, table: pd.DataFrame, entry: dict[str, Any]) -
         probs = rows[prob_columns(run.classes)].to_numpy(float)
         per_pooling[name] = classification_metrics(rows["y_true"].to_numpy(int), probs, len(run.classes))
     meta = {"task": run.task.name, "index": entry["index"], "seed": entry["seed"], "fold": entry["fold"]}
-    fitted_nothing: dict[str, Any] = {"n_train": 0, "n_val": 0, "n_test": len(test), "best_epoch": None}
-    fitted_nothing["epochs_run"] = 0
+    fitted_nothing: dict[str, Any] = {
+        "n_train": 0,
+        "n_val": 0,
+        "n_test": len(test),
+        "best_epoch": None,
+        "epochs_run": 0,
+    }
     # what made the fold, as a trained fold records it: the task (prompts, poolings), the prompt hash, the split
     made_of = {"task": run.task.model_dump(mode="json"), "prompts": run.embeddings.prompt_hash, "entry": entry}
     fitted_nothing["settings_key"] = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
