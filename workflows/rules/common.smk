@@ -186,6 +186,44 @@ def task_sheet_inputs(wildcards):
     return [PATHS.concept_summary(ENCODER, concept_set)] if concept_set else []
 
 
+def store_attrs(store):
+    """A Zarr v3 store's attributes, read as JSON (no zarr import at parse time); {} when absent or unreadable."""
+    try:
+        return json.loads((store / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def concepts_outdated(concept_set):
+    """Slides whose concept scores were computed from another feature store than the one there now (re-encoded or
+    repaired outside the workflow), compared by the stores' own records: Snakemake's dates cannot see it."""
+    outdated = []
+    for sid in SLIDES:
+        scores = store_attrs(PATHS.concept_store(ENCODER, concept_set, sid))
+        if scores and scores.get("feature_store_id") != store_attrs(PATHS.feature_store(ENCODER, sid)).get("store_id"):
+            outdated.append(sid)
+    return outdated
+
+
+def concept_redo_marker(concept_set):
+    """explain/{encoder}/{set}/.redo/{digest}: names the feature stores the set's scores must be redone for."""
+    ids = {sid: store_attrs(PATHS.feature_store(ENCODER, sid)).get("store_id") for sid in concepts_outdated(concept_set)}
+    digest = hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:12]
+    return PATHS.concept_dir(ENCODER, concept_set) / ".redo" / digest
+
+
+def concept_redo_input(wildcards):
+    """The marker while the set's scores are outdated (a target then), or while it exists (so that a rescored set is
+    not redone again when the metadata still lists it)."""
+    stale = stale_concept_markers(wildcards.concept_set)
+    return stale or sorted((PATHS.concept_dir(ENCODER, wildcards.concept_set) / ".redo").glob("*"))[-1:]
+
+
+@functools.cache
+def stale_concept_markers(concept_set):
+    return [concept_redo_marker(concept_set)] if concepts_outdated(concept_set) else []
+
+
 def explain_targets():
     """The default target's stage-4 part, with explain configured: every concept set scored, every task explained (a
     zero-shot task by the tiles its class scores came from, a trained one by its attention)."""

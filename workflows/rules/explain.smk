@@ -10,6 +10,8 @@ rule concept_scores:
         encode=expand(FEATURES / "shards" / "{shard}.json", shard=ENCODE_SHARDS),
         # the snapshot names the set's prompt hash: editing a prompt or template re-scores, the description does not
         settings=lambda wc: CONCEPT_SETTINGS[wc.concept_set],
+        # feature stores changed outside the workflow since they were scored (their store_id)
+        redo=concept_redo_input,
     output:
         PATHS.concept_summary(ENCODER, "{concept_set}"),
     params:

@@ -36,6 +36,21 @@ rule tile_redo_marker:
         "-delete > {log:q} 2>&1; echo retile > {output:q}"
 
 
+rule concept_redo_marker:
+    output:
+        PATHS.concept_dir(ENCODER, "{concept_set}") / ".redo" / "{digest}",
+    wildcard_constraints:
+        digest="[0-9a-f]{12}",
+    log:
+        RESULTS / "logs" / "explain" / "{concept_set}.{digest}.redo.log",
+    localrule: True
+    conda:
+        no_conda_env
+    shell:
+        'find "$(dirname {output:q})" -maxdepth 1 -type f ! -name "$(basename {output:q})" -delete > {log:q} 2>&1; '
+        "echo rescore > {output:q}"
+
+
 onstart:
     # a real run (never a dry run): drop the superseded snapshots of these scopes, so that returning to earlier
     # settings writes their snapshot anew and redoes the work; then record the whole config (no job reads it)
