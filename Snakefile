@@ -24,9 +24,7 @@ rule all:
         explain_targets(),
         # the settings snapshots: a missing one (changed settings) reruns its jobs even without .snakemake/metadata
         [PATHS.settings_file(name) for name in SETTINGS],
-        # slides whose file, content or MPP changed since their sidecar was written (a function: a cluster job's own
-        # parse of this file does not read every sidecar)
-        lambda wildcards: stale_tile_markers(),
-        # concept sets scored from feature stores that have changed since (re-encoded or repaired by hand)
-        lambda wildcards: [m for name in CONCEPT_SETS for m in stale_concept_markers(name)],
+        # slides whose file, content or MPP changed since they were tiled; concept sets and tasks made from feature
+        # stores that changed since (a function: a cluster job's own parse of this file reads no store)
+        stale_markers,
     default_target: True

@@ -213,10 +213,15 @@ def test_a_slide_re_encoded_by_hand_has_its_concept_scores_redone(demo_run: Path
     assert now != was
     dry = subprocess.run([*snakemake, "-n"], cwd=wd, capture_output=True, text=True, timeout=300)
     assert "concept_scores" in dry.stdout and "rule encode" not in dry.stdout and "rule tile" not in dry.stdout
+    # every task is made again from the sheet: the raw-feature ones because their sheet recorded the old store, the
+    # concept bottleneck because its scores are redone
+    assert dry.stdout.count("rule mil_sheet:") == 4 and dry.stdout.count("rule redo_marker:") == 5, dry.stdout[-3000:]
     run = subprocess.run(snakemake, cwd=wd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert zarr.open_group(str(scores), mode="r").attrs["feature_store_id"] == now
     table = pd.read_csv(demo_run / "explain" / "conceptclip" / "tissue" / "cohort.csv").set_index("slide_id")
     assert not table.loc["demo_003", "reused"] and table["reused"].sum() == len(table) - 1
+    record = json.loads((demo_run / "mil" / "demo_class" / "features.json").read_text())
+    assert record["stores"]["demo_003"] == now
     again = subprocess.run([*snakemake, "-n"], cwd=wd, capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in again.stdout, again.stdout[-3000:]

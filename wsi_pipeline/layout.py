@@ -4,7 +4,7 @@ results/
   tiles/{slide}.zarr, tiles/{slide}.json          stage 1 store + sidecar
   qc/{slide}/                                     thumbnails, mask, tissue polygons
   features/{encoder}/{slide}.zarr|.json           stage 2 store + sidecar (+ .locks/, {slide}.parts/, shards/)
-  mil/{task}/                                     stage 3: sheet, splits, folds, summary, heatmaps
+  mil/{task}/                                     stage 3: sheet (+ features.json), splits, folds, summary, heatmaps
   mil/tasks.csv                                   every task's headline metric, side by side
   attention/{task}/{slide}.zarr                   per-tile attention of the fold that tested the slide
   explain/{encoder}/{concept_set}/{slide}.zarr|.json  stage 4 tile concept scores + sidecar (+ cohort.csv)
@@ -92,6 +92,10 @@ class ResultsLayout:
     def tasks_table(self) -> Path:
         """Every task's headline metric in one table (trained, zero-shot and concept-bottleneck tasks)."""
         return self.root / "mil" / "tasks.csv"
+
+    def task_features_record(self, task: str) -> Path:
+        """Which feature store (its `store_id`) each slide of the task's sheet was, when the sheet was written."""
+        return self.task_dir(task) / "features.json"
 
     def attention_dir(self, task: str) -> Path:
         return self.root / "attention" / task

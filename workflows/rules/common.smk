@@ -205,23 +205,62 @@ def concepts_outdated(concept_set):
     return outdated
 
 
-def concept_redo_marker(concept_set):
-    """explain/{encoder}/{set}/.redo/{digest}: names the feature stores the set's scores must be redone for."""
-    ids = {sid: store_attrs(PATHS.feature_store(ENCODER, sid)).get("store_id") for sid in concepts_outdated(concept_set)}
-    digest = hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:12]
-    return PATHS.concept_dir(ENCODER, concept_set) / ".redo" / digest
+def redo_marker(folder, outdated):
+    """{folder}/.redo/{digest}: names what must be redone there (slide -> the store id there now); a target of rule
+    all while outdated, and an input of the job while it exists (a redone job is then not redone again)."""
+    digest = hashlib.sha256(json.dumps(outdated, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(folder) / ".redo" / digest
 
 
-def concept_redo_input(wildcards):
-    """The marker while the set's scores are outdated (a target then), or while it exists (so that a rescored set is
-    not redone again when the metadata still lists it)."""
-    stale = stale_concept_markers(wildcards.concept_set)
-    return stale or sorted((PATHS.concept_dir(ENCODER, wildcards.concept_set) / ".redo").glob("*"))[-1:]
+def feature_store_id(slide_id):
+    return store_attrs(PATHS.feature_store(ENCODER, slide_id)).get("store_id")
 
 
 @functools.cache
 def stale_concept_markers(concept_set):
-    return [concept_redo_marker(concept_set)] if concepts_outdated(concept_set) else []
+    outdated = {sid: feature_store_id(sid) for sid in concepts_outdated(concept_set)}
+    return [redo_marker(PATHS.concept_dir(ENCODER, concept_set), outdated)] if outdated else []
+
+
+@functools.cache
+def stale_task_markers(task):
+    """A task whose sheet was written when some of its feature stores were other stores than now (re-encoded or
+    repaired by hand): its sheet, splits, folds and summary are redone."""
+    try:
+        recorded = json.loads(PATHS.task_features_record(task).read_text()).get("stores") or {}
+    except (OSError, ValueError):
+        return []
+    if CFG.mil.task(task).concept_features:
+        return []  # a concept bottleneck follows its concept scores (cohort.csv), redone as above
+    outdated = {sid: feature_store_id(sid) for sid, was in recorded.items() if feature_store_id(sid) != was}
+    return [redo_marker(PATHS.task_dir(task), outdated)] if outdated else []
+
+
+def redo_input(folder, stale):
+    """The due marker, else the one left from the last redo (markers are named by a 12-digit digest; logs beside)."""
+    kept = [p for p in sorted((Path(folder) / ".redo").glob("*")) if re.fullmatch("[0-9a-f]{12}", p.name)]
+    return stale or kept[-1:]
+
+
+def concept_redo_input(wildcards):
+    folder = PATHS.concept_dir(ENCODER, wildcards.concept_set)
+    return redo_input(folder, stale_concept_markers(wildcards.concept_set))
+
+
+def task_redo_input(wildcards):
+    return redo_input(PATHS.task_dir(wildcards.task), stale_task_markers(wildcards.task))
+
+
+def stale_markers(wildcards):
+    """Every redo marker due, for the default target: slides to retile, concept sets and tasks to redo for changed stores."""
+    return (
+        stale_tile_markers()
+        + [m for name in CONCEPT_SETS for m in stale_concept_markers(name)]
+        + [m for task in TASKS for m in stale_task_markers(task)]
+    )
+
+
+REDO_FOLDERS = [PATHS.concept_dir(ENCODER, name) for name in CONCEPT_SETS] + [PATHS.task_dir(t) for t in TASKS]
 
 
 def explain_targets():

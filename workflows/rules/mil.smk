@@ -12,6 +12,7 @@ rule mil_sheet:
         concepts=task_sheet_inputs,
         settings=task_settings,
         samples=SAMPLE_SHEET,
+        redo=task_redo_input,  # feature stores changed by hand since the sheet was written
     output:
         PATHS.task_dir("{task}") / "sheet.csv",
     log:

@@ -36,13 +36,14 @@ rule tile_redo_marker:
         "-delete > {log:q} 2>&1; echo retile > {output:q}"
 
 
-rule concept_redo_marker:
+rule redo_marker:
     output:
-        PATHS.concept_dir(ENCODER, "{concept_set}") / ".redo" / "{digest}",
+        "{folder}/.redo/{digest}",
     wildcard_constraints:
+        folder=one_of(str(f) for f in REDO_FOLDERS),
         digest="[0-9a-f]{12}",
     log:
-        RESULTS / "logs" / "explain" / "{concept_set}.{digest}.redo.log",
+        "{folder}/.redo/{digest}.log",
     localrule: True
     conda:
         no_conda_env
