@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+
+from wsi_pipeline.io.atomic import is_temporary
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -225,3 +228,33 @@ def test_a_slide_re_encoded_by_hand_has_its_concept_scores_redone(demo_run: Path
     assert record["stores"]["demo_003"] == now
     again = subprocess.run([*snakemake, "-n"], cwd=wd, capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
+
+
+def test_kill_9_of_an_explain_job_then_the_same_command_gives_the_same_explanation(demo_run: Path) -> None:
+    wd = demo_run.parent
+    snakemake = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(wd / "cfg.yaml")]
+    explain = demo_run / "mil" / "demo_class" / "explain"
+    reference = pd.read_csv(explain / "concepts.csv")
+    records = {p.name: json.loads(p.read_text()) for p in (explain / "slides").glob("*.json")}
+    (explain / "index.html").unlink()  # the explain job runs again
+    first = subprocess.Popen(snakemake, cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pattern = "wsi_pipeline explain --config .* --task demo_class$"
+    killed = False
+    try:
+        deadline = time.time() + 300
+        while not killed and first.poll() is None and time.time() < deadline:
+            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+            if found:
+                time.sleep(2.0)  # well into its work: stores read, figures being drawn
+                subprocess.run(["kill", "-9", *found])
+                killed = True
+            time.sleep(0.05)
+        out, _ = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert killed and first.returncode != 0, out[-3000:]
+    again = subprocess.run(snakemake, cwd=wd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(explain / "concepts.csv"), reference)
+    assert {p.name: json.loads(p.read_text()) for p in (explain / "slides").glob("*.json")} == records
+    assert not [p for p in explain.rglob("*") if is_temporary(p)]  # the killed writer's temporaries are gone
