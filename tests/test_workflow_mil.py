@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import zarr
 
+from tests.job_kill import run_and_kill_job
 from wsi_pipeline.io.atomic import is_temporary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,22 +237,9 @@ def test_kill_9_of_an_explain_job_then_the_same_command_gives_the_same_explanati
     reference = pd.read_csv(explain / "concepts.csv")
     records = {p.name: json.loads(p.read_text()) for p in (explain / "slides").glob("*.json")}
     (explain / "index.html").unlink()  # the explain job runs again
-    first = subprocess.Popen(snakemake, cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pattern = "wsi_pipeline explain --config .* --task demo_class$"
-    killed = False
-    try:
-        deadline = time.time() + 300
-        while not killed and first.poll() is None and time.time() < deadline:
-            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-            if found:
-                time.sleep(2.0)  # well into its work: stores read, figures being drawn
-                subprocess.run(["kill", "-9", *found])
-                killed = True
-            time.sleep(0.05)
-        out, _ = first.communicate(timeout=600)
-    finally:
-        first.kill()
-    assert killed and first.returncode != 0, out[-3000:]
+    killed, status, out = run_and_kill_job(snakemake, wd, pattern, after_s=2.0)  # into its figures
+    assert killed and status != 0, out[-3000:]
     again = subprocess.run(snakemake, cwd=wd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     pd.testing.assert_frame_equal(pd.read_csv(explain / "concepts.csv"), reference)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.job_kill import run_and_kill_job
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 DEMO = REPO / "workflows" / "demo"
@@ -217,22 +219,9 @@ def test_kill_9_of_a_training_job_then_a_plain_rerun_gives_the_uninterrupted_res
     for metrics in results.glob("mil/*/fold*/metrics.json"):
         metrics.unlink()  # every fold trains again in this copy
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", str(wd / "cfg.yaml")]
-    first = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pattern = f"mil-train --config {results}/settings/task-cls-.* --task cls --fold 01"
-    killed = False
-    try:
-        deadline = time.time() + 300
-        while not killed and first.poll() is None and time.time() < deadline:
-            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-            if found:
-                time.sleep(1.0)  # let it train for a moment
-                subprocess.run(["kill", "-9", *found])
-                killed = True
-            time.sleep(0.1)
-        out, _ = first.communicate(timeout=600)
-    finally:
-        first.kill()
-    assert killed and first.returncode != 0, out[-3000:]
+    killed, status, out = run_and_kill_job(cmd, wd, pattern, after_s=1.0)  # let it train for a moment
+    assert killed and status != 0, out[-3000:]
     assert not (results / "mil" / "cls" / "fold01").exists() or not list(results.glob("mil/cls/fold01/metrics.json"))
     again = snakemake(wd)  # the README's recovery: the same command again
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]

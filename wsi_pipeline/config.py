@@ -118,19 +118,29 @@ def config_json_schema() -> dict[str, Any]:
 
 
 def write_run_config(cfg: PipelineConfig | dict[str, Any], path: Path) -> Path:
-    """Write the effective config (after all overrides) for the jobs to read; untouched when unchanged so that
-    Snakemake sees no newer input, and a dry run over finished results on a read-only share writes nothing. A
-    write that is needed but impossible (read-only, full, a file in the way) is one `ConfigError` line."""
-    from .io.atomic import write_bytes_atomic
-    from .io.faults import describe_os_error
-
+    """Write the whole effective config (after all overrides) as the record of a run; left as it is when unchanged,
+    so a rerun over finished results on a read-only share writes nothing. No job reads it: jobs read their settings
+    snapshot (run_settings.py)."""
     data = cfg.model_dump(mode="json") if isinstance(cfg, PipelineConfig) else cfg
     text = yaml.safe_dump(data, sort_keys=True)
     try:
-        if not path.is_file() or path.read_text() != text:
-            write_bytes_atomic(path, text.encode())
+        unchanged = path.is_file() and path.read_text() == text
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        write_config_text(path, text)
+    return path
+
+
+def write_config_text(path: Path, text: str) -> None:
+    """`text` to `path` atomically; a write that is impossible (read-only, full, a file in the way) is one
+    `ConfigError` line naming the folder and the fix."""
+    from .io.atomic import write_bytes_atomic
+    from .io.faults import describe_os_error
+
+    try:
+        write_bytes_atomic(path, text.encode())
     except OSError as err:
         raise ConfigError(
             describe_os_error(err, path.parent, elsewhere="set results: in the config to another folder")
         ) from None
-    return path

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import SNAPSHOT_HEADER, PipelineConfig
+from .config import SNAPSHOT_HEADER, PipelineConfig, write_config_text
 from .errors import ConfigError
 
 DIGEST_CHARS = 12
@@ -101,25 +101,21 @@ def settings_name(scope: str, text: str) -> str:
 def write_settings(path: str | Path, text: str) -> Path:
     """Write a snapshot once; an existing one with the same text is left as it is (its date included). A file whose
     text does not match its name (edited by hand, damaged) is refused in one line."""
-    from .io.atomic import write_bytes_atomic
-    from .io.faults import describe_os_error
-
     path = Path(path)
     if not path.name.endswith(f"-{settings_digest(text)}.yaml"):
         raise ConfigError(f"{path}: the settings text does not match the file's digest; this is a workflow bug")
     try:
-        if path.is_file():
-            if path.read_text() == text:
-                return path
-            raise ConfigError(
-                f"{path}: a run settings snapshot was changed after it was written; delete it and run again "
-                "(snapshots are written once and never edited)"
-            )
-        write_bytes_atomic(path, text.encode())
-    except OSError as err:
+        existing = path.read_text() if path.is_file() else None
+    except OSError:
+        existing = None
+    if existing == text:
+        return path
+    if existing is not None:
         raise ConfigError(
-            describe_os_error(err, path.parent, elsewhere="set results: in the config to another folder")
-        ) from None
+            f"{path}: a run settings snapshot was changed after it was written; delete it and run again "
+            "(snapshots are written once and never edited)"
+        )
+    write_config_text(path, text)
     return path
 
 
