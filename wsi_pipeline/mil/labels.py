@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import TrainingDataError
 
-# tokens whose one-letter change is a different class, not a typo: roman numerals (stage I / II), single letters
+# a token whose one-letter change names another class, not a typo: roman numerals (stage I / stage II)
 ROMAN = re.compile(r"^[ivxlcdm]+$")
 SIGNIFICANT = set("0123456789+-")  # HER2+ / HER2-, G1 / G2, pT1 / pT2
 MIN_TYPO_LENGTH = 5  # below this one edit is usually another class (MSI / MSS, IDC / ILC)
