@@ -258,7 +258,7 @@ def test_a_replaced_slide_or_a_new_mpp_is_retiled_without_metadata(small_run: Pa
     shutil.rmtree(wd / ".snakemake", ignore_errors=True)
     dry = snakemake(wd, "-n")
     counts = job_counts(dry.stdout)
-    assert counts["tile"] == 2 and counts["tile_redo_marker"] == 2, dry.stdout[-3000:]
+    assert counts["tile"] == 2 and counts["redo_marker"] == 2, dry.stdout[-3000:]
     assert "demo_004.json" in dry.stdout and "demo_007.json" in dry.stdout
     run = snakemake(wd)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wsi_pipeline import run_settings
 from wsi_pipeline.config import load_config, write_run_config
+from wsi_pipeline.io.small_zarr import read_group_attributes
 from wsi_pipeline.devices import cuda_present
 from wsi_pipeline.jobguard import export_parent_pid
 from wsi_pipeline.layout import ResultsLayout
@@ -95,12 +96,12 @@ def slide_fingerprint(wildcards):
     return slide_identity(wildcards.slide_id)["fingerprint"] or "missing"
 
 
-def tile_redo_marker(slide_id):
-    """tiles/.redo/{slide}.{digest}: a target when the slide's sidecar was made from another file, content or MPP
-    than the sheet now gives, so the slide is retiled even where .snakemake/metadata is gone (the fingerprint param
-    above needs it). The marker stays an input while it exists, so a retiled slide is not redone again."""
-    identity = json.dumps(slide_identity(slide_id), sort_keys=True)
-    return PATHS.tiles_dir / ".redo" / f"{slide_id}.{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+def tile_markers(slide_id):
+    """tiles/.redo/{slide}/: the slide's redo marker is due when its sidecar was made from another file, content or
+    MPP than the sheet now gives, so the slide is retiled even where .snakemake/metadata is gone (the fingerprint
+    param above needs it)."""
+    folder = PATHS.tiles_dir / ".redo" / slide_id
+    return folder, [redo_marker(folder, slide_identity(slide_id))] if tile_is_stale(slide_id) else []
 
 
 def tile_is_stale(slide_id):
@@ -117,13 +118,12 @@ def tile_is_stale(slide_id):
 
 
 def tile_redo_input(wildcards):
-    marker = tile_redo_marker(wildcards.slide_id)
-    return [marker] if marker.exists() or tile_is_stale(wildcards.slide_id) else []
+    return redo_input(*tile_markers(wildcards.slide_id))
 
 
 def stale_tile_markers():
-    """The redo markers of every slide to retile because its recorded identity is not the sheet's (rule all)."""
-    return [tile_redo_marker(sid) for sid in SLIDES if tile_is_stale(sid)]
+    """The redo markers of every slide to retile because its recorded identity is not the sheet's."""
+    return [m for sid in SLIDES for m in tile_markers(sid)[1]]
 
 
 def results_of_sidecar(wildcards, output):
@@ -186,12 +186,11 @@ def task_sheet_inputs(wildcards):
     return [PATHS.concept_summary(ENCODER, concept_set)] if concept_set else []
 
 
-def store_attrs(store):
-    """A Zarr v3 store's attributes, read as JSON (no zarr import at parse time); {} when absent or unreadable."""
-    try:
-        return json.loads((store / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, ValueError):
-        return {}
+@functools.cache
+def feature_store_id(slide_id):
+    """The slide's feature store's `store_id` (new at every write), read once per parse: every concept set and
+    task compares against it."""
+    return read_group_attributes(PATHS.feature_store(ENCODER, slide_id)).get("store_id")
 
 
 def concepts_outdated(concept_set):
@@ -199,27 +198,23 @@ def concepts_outdated(concept_set):
     repaired outside the workflow), compared by the stores' own records: Snakemake's dates cannot see it."""
     outdated = []
     for sid in SLIDES:
-        scores = store_attrs(PATHS.concept_store(ENCODER, concept_set, sid))
-        if scores and scores.get("feature_store_id") != store_attrs(PATHS.feature_store(ENCODER, sid)).get("store_id"):
+        scores = read_group_attributes(PATHS.concept_store(ENCODER, concept_set, sid))
+        if scores and scores.get("feature_store_id") != feature_store_id(sid):
             outdated.append(sid)
     return outdated
 
 
-def redo_marker(folder, outdated):
-    """{folder}/.redo/{digest}: names what must be redone there (slide -> the store id there now); a target of rule
-    all while outdated, and an input of the job while it exists (a redone job is then not redone again)."""
-    digest = hashlib.sha256(json.dumps(outdated, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(folder) / ".redo" / digest
-
-
-def feature_store_id(slide_id):
-    return store_attrs(PATHS.feature_store(ENCODER, slide_id)).get("store_id")
+def redo_marker(folder, what):
+    """{folder}/{digest of what}: a marker naming what must be redone (a slide's identity, slide -> the feature
+    store there now). A due marker is a target of the default run and an input of the job; once written it stays an
+    input, so a redone job is not redone again when the metadata lists it (writing it removes the earlier ones)."""
+    return Path(folder) / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @functools.cache
 def stale_concept_markers(concept_set):
     outdated = {sid: feature_store_id(sid) for sid in concepts_outdated(concept_set)}
-    return [redo_marker(PATHS.concept_dir(ENCODER, concept_set), outdated)] if outdated else []
+    return [redo_marker(PATHS.concept_dir(ENCODER, concept_set) / ".redo", outdated)] if outdated else []
 
 
 @functools.cache
@@ -233,22 +228,22 @@ def stale_task_markers(task):
     if CFG.mil.task(task).concept_features:
         return []  # a concept bottleneck follows its concept scores (cohort.csv), redone as above
     outdated = {sid: feature_store_id(sid) for sid, was in recorded.items() if feature_store_id(sid) != was}
-    return [redo_marker(PATHS.task_dir(task), outdated)] if outdated else []
+    return [redo_marker(PATHS.task_dir(task) / ".redo", outdated)] if outdated else []
 
 
-def redo_input(folder, stale):
-    """The due marker, else the one left from the last redo (markers are named by a 12-digit digest; logs beside)."""
-    kept = [p for p in sorted((Path(folder) / ".redo").glob("*")) if re.fullmatch("[0-9a-f]{12}", p.name)]
-    return stale or kept[-1:]
+def redo_input(folder, due):
+    """The due marker, else the one left in `folder` by the last redo (markers are 12-digit digests; logs beside)."""
+    kept = [p for p in sorted(Path(folder).glob("*")) if re.fullmatch("[0-9a-f]{12}", p.name)]
+    return due or kept[-1:]
 
 
 def concept_redo_input(wildcards):
-    folder = PATHS.concept_dir(ENCODER, wildcards.concept_set)
+    folder = PATHS.concept_dir(ENCODER, wildcards.concept_set) / ".redo"
     return redo_input(folder, stale_concept_markers(wildcards.concept_set))
 
 
 def task_redo_input(wildcards):
-    return redo_input(PATHS.task_dir(wildcards.task), stale_task_markers(wildcards.task))
+    return redo_input(PATHS.task_dir(wildcards.task) / ".redo", stale_task_markers(wildcards.task))
 
 
 def stale_markers(wildcards):
@@ -260,7 +255,12 @@ def stale_markers(wildcards):
     )
 
 
-REDO_FOLDERS = [PATHS.concept_dir(ENCODER, name) for name in CONCEPT_SETS] + [PATHS.task_dir(t) for t in TASKS]
+# where redo markers live: per concept set, per task, and per slide under tiles/.redo/
+REDO_FOLDERS = "|".join(
+    [one_of(str(PATHS.concept_dir(ENCODER, name) / ".redo") for name in CONCEPT_SETS)]
+    + [one_of(str(PATHS.task_dir(t) / ".redo") for t in TASKS)]
+    + [f"{re.escape(str(PATHS.tiles_dir / '.redo'))}/{SLIDE_ID_PATTERN}"]
+)
 
 
 def explain_targets():

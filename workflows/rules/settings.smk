@@ -20,36 +20,22 @@ rule run_settings:
         wsi_command("write-settings --out {output:q} --text {params.text:q}")
 
 
-rule tile_redo_marker:
-    output:
-        PATHS.tiles_dir / ".redo" / "{slide_id}.{digest}",
-    wildcard_constraints:
-        digest="[0-9a-f]{12}",
-    log:
-        RESULTS / "logs" / "tile" / "{slide_id}.{digest}.redo.log",
-    localrule: True
-    conda:
-        no_conda_env
-    shell:
-        # the slide's earlier markers go, so that going back to an earlier file or MPP retiles it again
-        'find "$(dirname {output:q})" -maxdepth 1 -name "{wildcards.slide_id}.*" ! -name "$(basename {output:q})" '
-        "-delete > {log:q} 2>&1; echo retile > {output:q}"
-
-
 rule redo_marker:
     output:
-        "{folder}/.redo/{digest}",
+        "{folder}/{digest}",
     wildcard_constraints:
-        folder=one_of(str(f) for f in REDO_FOLDERS),
+        folder=REDO_FOLDERS,
         digest="[0-9a-f]{12}",
     log:
-        "{folder}/.redo/{digest}.log",
+        "{folder}/{digest}.log",
     localrule: True
     conda:
         no_conda_env
     shell:
-        'find "$(dirname {output:q})" -maxdepth 1 -type f ! -name "$(basename {output:q})" -delete > {log:q} 2>&1; '
-        "echo rescore > {output:q}"
+        # the folder's earlier markers (and their logs) go, so that going back to earlier inputs redoes the job too
+        'find "$(dirname {output:q})" -maxdepth 1 -type f -regextype posix-extended -regex ".*/[0-9a-f]{{12}}([.]log)?" '
+        '! -name "$(basename {output:q})" ! -name "$(basename {log:q})" -delete > {log:q} 2>&1; '
+        "echo redo > {output:q}"
 
 
 onstart:

@@ -64,6 +64,17 @@ def write_small_group(
         raise
 
 
+def read_group_attributes(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Zarr v3 group's attributes read straight from its zarr.json (no zarr import: the workflow reads these at
+    parse time); {} when the store is absent or its metadata unreadable."""
+    try:
+        doc = json.loads((Path(store) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    attributes = doc.get("attributes") if isinstance(doc, dict) else None
+    return attributes if isinstance(attributes, dict) else {}
+
+
 def _write_array(folder: Path, values: np.ndarray, rows: int) -> None:
     if values.dtype not in DATA_TYPES or values.ndim < 1:
         raise TypeError(f"{folder.name}: {values.dtype} array of {values.ndim} dims is not written by small_zarr")

@@ -243,8 +243,8 @@ def predict(
                 "`wsi-pipeline zero-shot` on a config listing them"
             )
         raise ConfigError(f"{model_dir}: no trained model (model.json) here or in fold*/; train the task first")
-    metas = [_read_json(d / "model.json") for d in dirs]
-    array = metas[0].get("array") or "features"
+    meta = _read_json(dirs[0] / "model.json")  # every fold of a task learnt from the same features
+    array = meta.get("array") or "features"
     store = ZarrStore(features_dir, array=array)
     bags = [Bag(s, [s]) for s in slide_ids]
     try:
@@ -252,16 +252,16 @@ def predict(
     except TrainingDataError as err:
         if array == "cosine":  # a concept bottleneck reads concept scores, not the encoder's features
             raise TrainingDataError(
-                f"{err}; this model learnt from concept scores ({metas[0].get('features')}): pass --features "
+                f"{err}; this model learnt from concept scores ({meta.get('features')}): pass --features "
                 "RESULTS/explain/ENCODER/SET, the folder of that set's score stores"
             ) from None
         raise
-    want = int(metas[0]["spec"]["in_dim"])
+    want = int(meta["spec"]["in_dim"])
     if store.dim != want:
         what = "concept scores" if array == "cosine" else "features"
         raise TrainingDataError(
             f"{features_dir}: {what} are {store.dim}-d but the model in {dirs[0]} was trained on {want}-d "
-            f"{what} ({metas[0].get('features') or 'raw'}); use {what} from the encoder (and concept set) it was "
+            f"{what} ({meta.get('features') or 'raw'}); use {what} from the encoder (and concept set) it was "
             "trained on"
         )
     dev = resolve_device(device)

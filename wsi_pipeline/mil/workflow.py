@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..errors import TrainingDataError
 from ..io.jsonio import write_json_atomic
+from ..io.small_zarr import read_group_attributes
 from ..layout import STATUS_OK, ResultsLayout
 from .bags import Bag, ZarrStore, bags_from_sheet, label_strings, load_sheet
 from .config import TaskConfig, TrainConfig
@@ -51,17 +52,10 @@ def write_task_sheet(cohort: pd.DataFrame, results: Path, encoder: str, task: Ta
     sheet = cohort.loc[keep].reset_index(drop=True)
     pd.DataFrame(excluded, columns=["slide_id", "encode_status", "reason"]).to_csv(out / "excluded.csv", index=False)
     sheet.to_csv(out / "sheet.csv", index=False)
-    stores = {sid: _store_id(task_features_dir(results, encoder, task) / f"{sid}.zarr") for sid in keep}
+    features = task_features_dir(results, encoder, task)
+    stores = {sid: read_group_attributes(features / f"{sid}.zarr").get("store_id") for sid in keep}
     write_json_atomic(layout.task_features_record(task.name), {"stores": stores})
     return sheet
-
-
-def _store_id(store: Path) -> str | None:
-    """A store's `store_id` attribute (new at every write), read from its zarr.json; None for older stores."""
-    try:
-        return json.loads((store / "zarr.json").read_text()).get("attributes", {}).get("store_id")
-    except (OSError, ValueError):
-        return None
 
 
 def refuse_unreadable(features_dir: Path, slide_ids: list[str], array: str, threads: int = 4) -> None:
